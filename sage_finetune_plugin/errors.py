@@ -1,0 +1,60 @@
+"""One exception family for the whole plugin.
+
+Services raise these with a message that says what is wrong, where, and what to do. The CLI
+turns them into one line on stderr and an exit code (``exit_code``): 1 for an error, 2 for a
+usage error. Nothing here imports click.
+"""
+
+from __future__ import annotations
+
+
+class FinetuneError(Exception):
+    """Base class: a problem the user can act on (never a bug in the plugin)."""
+
+    exit_code = 1
+
+
+class UsageProblem(FinetuneError):
+    """An invalid option value or combination on the command line (exit code 2)."""
+
+    exit_code = 2
+
+
+class ConfigError(FinetuneError):
+    """A training or LoRA configuration value is invalid."""
+
+
+class TaskError(FinetuneError):
+    """A task name is invalid, or the task does not exist / already exists."""
+
+
+class MetaError(FinetuneError):
+    """A ``finetune_meta.json`` file cannot be read or is malformed."""
+
+
+class DataError(FinetuneError):
+    """Training data cannot be read, or a record is malformed."""
+
+
+class ModelError(FinetuneError):
+    """A model cannot be found or loaded."""
+
+
+class DependencyError(FinetuneError):
+    """An optional or required third-party package is missing or broken."""
+
+
+class TrainingError(FinetuneError):
+    """Training cannot start or failed."""
+
+
+class OutOfMemoryError(TrainingError):
+    """The device ran out of memory; the message says what to lower."""
+
+
+class LockError(FinetuneError):
+    """Another process is working on the same task."""
+
+
+class MergeError(FinetuneError):
+    """An adapter cannot be merged into its base model."""

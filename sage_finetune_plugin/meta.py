@@ -1,0 +1,265 @@
+"""``finetune_meta.json``: the one record of a task, and its only owner.
+
+Every read and write of the meta file goes through this module. Writes are atomic (a temp
+file in the same directory, then ``os.replace``), so a crash never leaves half a file. A
+corrupt file is reported with its path and never overwritten by an update.
+
+Keys the original SAGE tool wrote (``task_type``, ``model``, ``framework``, ``format``,
+``dataset``, ``config``, ``output_dir``, ``code_root``, ``data_file``) are kept; metas that
+hold only those still load. Keys this version does not know are kept as they are.
+
+``metrics`` holds what training measured; the keys the other commands read are
+``global_step``, ``epochs``, ``train_loss`` (last logged), ``eval_loss``, ``loss_history``
+(list of ``{"step", "loss"}``), ``tokens_per_second``, ``wall_time_s`` and
+``peak_memory_bytes``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ._version import __version__
+from .errors import MetaError
+from .paths import META_FILENAME
+
+SCHEMA_VERSION = 1
+STATUSES = ("prepared", "training", "interrupted", "failed", "trained", "merged")
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class TaskMeta:
+    """The contents of ``finetune_meta.json``."""
+
+    # Keys of the original SAGE tool.
+    task_type: str = "custom"
+    model: str = ""
+    framework: str = "peft"
+    format: str | None = None
+    dataset: str | None = None
+    config: str | None = None
+    output_dir: str | None = None
+    code_root: str | None = None
+    data_file: str | None = None
+    # Added by this plugin.
+    schema_version: int = SCHEMA_VERSION
+    plugin_version: str = __version__
+    created_at: str = field(default_factory=now_iso)
+    updated_at: str = field(default_factory=now_iso)
+    status: str = "prepared"
+    preset: str | None = None
+    num_samples: int | None = None
+    data_stats: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    adapter_path: str | None = None
+    merged_path: str | None = None
+    #: Keys this version does not know, written back unchanged.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # --- conversion ---------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "meta") -> TaskMeta:
+        if not isinstance(data, dict):
+            raise MetaError(
+                f"{source}: expected a JSON object, found {type(data).__name__}. "
+                "Fix or remove the file, or recreate the task with `quickstart --force`."
+            )
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        values = {k: v for k, v in data.items() if k in known}
+        extra = {k: v for k, v in data.items() if k not in known}
+        for name, expected in _TYPES.items():
+            if name in values and values[name] is not None and not isinstance(
+                values[name], expected
+            ):
+                raise MetaError(
+                    f"{source}: key {name!r} should be {_type_name(expected)}, "
+                    f"found {type(values[name]).__name__}. Fix the file or recreate the task."
+                )
+        if values.get("status") not in (None, *STATUSES):
+            raise MetaError(
+                f"{source}: unknown status {values['status']!r} "
+                f"(expected one of {', '.join(STATUSES)})."
+            )
+        # Drop nulls so dataclass defaults apply to fields an older writer left empty.
+        values = {k: v for k, v in values.items() if v is not None or k in _NULLABLE}
+        return cls(**values, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        extra = data.pop("extra")
+        return {**extra, **data}
+
+    # --- convenience for readers ------------------------------------------------------------
+
+    def path(self, task_dir: Path, value: str | None) -> Path | None:
+        """A path stored in the meta, resolved against the task directory."""
+        if not value:
+            return None
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else task_dir / p
+
+    @property
+    def last_train_loss(self) -> float | None:
+        loss = self.metrics.get("train_loss")
+        if loss is None and self.metrics.get("loss_history"):
+            loss = self.metrics["loss_history"][-1].get("loss")
+        return loss if isinstance(loss, int | float) else None
+
+    @property
+    def steps(self) -> int | None:
+        step = self.metrics.get("global_step")
+        return step if isinstance(step, int) else None
+
+
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "task_type": str,
+    "model": str,
+    "framework": str,
+    "format": str,
+    "dataset": str,
+    "config": str,
+    "output_dir": str,
+    "code_root": str,
+    "data_file": str,
+    "schema_version": int,
+    "plugin_version": str,
+    "created_at": str,
+    "updated_at": str,
+    "status": str,
+    "preset": str,
+    "num_samples": int,
+    "data_stats": dict,
+    "training": dict,
+    "metrics": dict,
+    "adapter_path": str,
+    "merged_path": str,
+}
+_NULLABLE = {f.name for f in dataclasses.fields(TaskMeta) if f.default is None}
+
+
+def _type_name(expected: type | tuple[type, ...]) -> str:
+    names = {"str": "a string", "int": "an integer", "dict": "an object"}
+    return names.get(getattr(expected, "__name__", ""), str(expected))
+
+
+def meta_path(task_dir: Path) -> Path:
+    return Path(task_dir) / META_FILENAME
+
+
+def load_meta(task_dir: Path) -> TaskMeta:
+    """Read a task's meta, or raise MetaError naming the file and the problem."""
+    path = meta_path(task_dir)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MetaError(f"{path}: no such file; is {task_dir} a task directory?") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MetaError(f"{path}: cannot read ({exc}).") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MetaError(
+            f"{path}: corrupt JSON at line {exc.lineno}, column {exc.colno} ({exc.msg}). "
+            "Fix the file, or recreate the task with `quickstart --force`."
+        ) from None
+    return TaskMeta.from_dict(data, source=str(path))
+
+
+def save_meta(task_dir: Path, meta: TaskMeta) -> TaskMeta:
+    """Write a task's meta atomically, stamping the time and the plugin version."""
+    meta.updated_at = now_iso()
+    meta.plugin_version = __version__
+    meta.schema_version = SCHEMA_VERSION
+    atomic_write_text(meta_path(task_dir), json.dumps(meta.to_dict(), indent=2) + "\n")
+    return meta
+
+
+def update_meta(task_dir: Path, **changes: Any) -> TaskMeta:
+    """Load, change some fields, save. A corrupt meta raises and is left untouched."""
+    meta = load_meta(task_dir)
+    for key, value in changes.items():
+        if key not in _TYPES:
+            raise MetaError(f"update_meta: unknown meta key {key!r}.")
+        if key == "status" and value not in STATUSES:
+            raise MetaError(f"update_meta: unknown status {value!r}.")
+        setattr(meta, key, value)
+    return save_meta(task_dir, meta)
+
+
+# --- listing ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskEntry:
+    """One task found under the root: its meta, or why it could not be read."""
+
+    name: str
+    path: Path
+    meta: TaskMeta | None
+    error: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """The row `sage finetune list` shows (and prints with --json)."""
+        if self.meta is None:
+            return {"name": self.name, "path": str(self.path), "status": "broken",
+                    "error": self.error}
+        m = self.meta
+        adapter = m.path(self.path, m.adapter_path)
+        merged = m.path(self.path, m.merged_path)
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "status": m.status,
+            "model": m.model,
+            "format": m.format,
+            "samples": m.num_samples,
+            "steps": m.steps,
+            "train_loss": m.last_train_loss,
+            "adapter": bool(adapter and adapter.exists()),
+            "merged": bool(merged and merged.exists()),
+            "updated": m.updated_at,
+        }
+
+
+def scan_tasks(root: Path) -> list[TaskEntry]:
+    """Every task directly under ``root``, sorted by name; unreadable metas are kept as broken."""
+    if not root.is_dir():
+        return []
+    entries = []
+    for child in sorted(root.iterdir(), key=lambda p: p.name):
+        if not child.is_dir() or child.name.startswith(".") or not meta_path(child).exists():
+            continue
+        try:
+            entries.append(TaskEntry(child.name, child, load_meta(child)))
+        except MetaError as exc:
+            entries.append(TaskEntry(child.name, child, None, str(exc)))
+    return entries
