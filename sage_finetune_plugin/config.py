@@ -196,7 +196,8 @@ class TrainingConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
         """Build a config from a dict; unknown keys are an error that names them."""
         if not isinstance(data, dict):
-            raise ConfigError(f"A training config must be a JSON object, got {type(data).__name__}.")
+            kind = type(data).__name__
+            raise ConfigError(f"A training config must be a JSON object, got {kind}.")
         values = _known_keys(cls, data, where="training config")
         if "lora" in values:
             lora = values["lora"]
@@ -416,9 +417,7 @@ def _check_types(obj: Any) -> None:
         allowed = _allowed_types(hints[f.name])
         if allowed is None:
             continue
-        ok = isinstance(value, allowed) and not (
-            isinstance(value, bool) and bool not in allowed
-        )
+        ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
         if not ok:
             wanted = " or ".join(sorted({t.__name__ for t in allowed}))
             raise ConfigError(f"{f.name} must be {wanted}, got {value!r}.")

@@ -97,8 +97,10 @@ class TaskMeta:
         values = {k: v for k, v in data.items() if k in known}
         extra = {k: v for k, v in data.items() if k not in known}
         for name, expected in _TYPES.items():
-            if name in values and values[name] is not None and not isinstance(
-                values[name], expected
+            if (
+                name in values
+                and values[name] is not None
+                and not isinstance(values[name], expected)
             ):
                 raise MetaError(
                     f"{source}: key {name!r} should be {_type_name(expected)}, "
@@ -230,8 +232,12 @@ class TaskEntry:
     def summary(self) -> dict[str, Any]:
         """The row `sage finetune list` shows (and prints with --json)."""
         if self.meta is None:
-            return {"name": self.name, "path": str(self.path), "status": "broken",
-                    "error": self.error}
+            return {
+                "name": self.name,
+                "path": str(self.path),
+                "status": "broken",
+                "error": self.error,
+            }
         m = self.meta
         adapter = m.path(self.path, m.adapter_path)
         merged = m.path(self.path, m.merged_path)

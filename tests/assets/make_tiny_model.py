@@ -113,8 +113,10 @@ def build(output: Path = DEFAULT_OUTPUT, steps: int = 300, seed: int = 0) -> Pat
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for step in range(steps):
-        starts = [random.Random(seed * 100003 + step * 31 + j).randrange(len(stream) - block)
-                  for j in range(batch)]
+        starts = [
+            random.Random(seed * 100003 + step * 31 + j).randrange(len(stream) - block)
+            for j in range(batch)
+        ]
         x = torch.tensor([stream[s : s + block] for s in starts])
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
