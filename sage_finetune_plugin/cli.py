@@ -114,6 +114,9 @@ def list_command(root: Path | None, as_json: bool) -> None:
             click.echo(f"broken: {row['error']}", err=True)
 
 
+# Commands of the data, training and merge/chat layers are added above this line.
+
+
 def main() -> None:
     """Console script ``sage-finetune``."""
     finetune(prog_name="sage-finetune")

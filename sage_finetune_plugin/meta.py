@@ -81,6 +81,8 @@ class TaskMeta:
     metrics: dict[str, Any] = field(default_factory=dict)
     adapter_path: str | None = None
     merged_path: str | None = None
+    #: What ``merge`` recorded: dtype, size in bytes, checkpoint, logits check.
+    merge: dict[str, Any] = field(default_factory=dict)
     #: Keys this version does not know, written back unchanged.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -164,6 +166,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "metrics": dict,
     "adapter_path": str,
     "merged_path": str,
+    "merge": dict,
 }
 _NULLABLE = {f.name for f in dataclasses.fields(TaskMeta) if f.default is None}
 
