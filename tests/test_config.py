@@ -1,0 +1,233 @@
+"""TrainingConfig, LoRAConfig and PresetConfigs: defaults, validation, JSON round trip, presets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sage_finetune_plugin.config import (
+    ALL_LINEAR,
+    SMALL_MODEL,
+    LoRAConfig,
+    PresetConfigs,
+    TrainingConfig,
+    preset_for_memory,
+)
+from sage_finetune_plugin.errors import ConfigError
+
+
+def test_original_defaults():
+    config = TrainingConfig()
+    assert config.model_name == "Qwen/Qwen2.5-Coder-1.5B-Instruct"
+    assert config.num_train_epochs == 3
+    assert config.learning_rate == 5e-5
+    assert config.lr_scheduler_type == "cosine"
+    assert config.warmup_ratio == 0.1
+    assert config.seed == 42
+    assert (config.logging_steps, config.save_steps, config.save_total_limit) == (10, 500, 2)
+    assert config.report_to == "tensorboard"
+    assert config.lora.lora_dropout == 0.05
+    assert config.lora.target_modules == ALL_LINEAR
+    # The original's defaults could not run on CPU: no fp16 / 8-bit optimizer / 8-bit loading.
+    assert config.fp16 is None and config.bf16 is None
+    assert not config.load_in_8bit and config.optim == "adamw_torch"
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"learning_rate": 0}, "learning_rate must be positive"),
+        ({"learning_rate": -1e-4}, "learning_rate must be positive"),
+        ({"num_train_epochs": 0}, "num_train_epochs must be positive"),
+        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be positive"),
+        ({"gradient_accumulation_steps": -2}, "gradient_accumulation_steps must be positive"),
+        ({"max_steps": 0}, "max_steps must be positive"),
+        ({"load_in_4bit": True, "load_in_8bit": True}, "choose one"),
+        ({"fp16": True, "bf16": True}, "choose one"),
+        ({"warmup_ratio": 1.5}, "warmup_ratio"),
+        ({"learning_rate": "fast"}, "learning_rate must be"),
+        ({"max_length": 1.5}, "max_length must be int"),
+        ({"load_in_4bit": "yes"}, "load_in_4bit must be bool"),
+        ({"report_to": "wandb"}, "report_to"),
+        ({"model_name": "  "}, "model_name is empty"),
+    ],
+)
+def test_invalid_training_values(changes, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        TrainingConfig(**changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"r": 0}, "lora.r must be at least 1"),
+        ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
+        ({"lora_dropout": -0.1}, "lora_dropout"),
+        ({"bias": "some"}, "lora.bias"),
+        ({"target_modules": []}, "target_modules is empty"),
+    ],
+)
+def test_invalid_lora_values(changes, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        LoRAConfig(**changes)
+
+
+def test_effective_batch_size():
+    assert PresetConfigs.rtx_3060().effective_batch_size == 16
+    assert (
+        TrainingConfig(
+            per_device_train_batch_size=3, gradient_accumulation_steps=5
+        ).effective_batch_size
+        == 15
+    )
+
+
+def test_json_round_trip(tmp_path):
+    config = TrainingConfig(
+        model_name="some/model",
+        data_path=tmp_path / "data.json",  # a Path is stored as a string
+        load_in_4bit=True,
+        lora=LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    path = tmp_path / "config.json"
+    config.save(path)
+    loaded = TrainingConfig.load(path)
+    assert loaded == config
+    assert isinstance(loaded.lora, LoRAConfig)
+    assert loaded.lora.target_modules == ["q_proj", "v_proj"]
+    assert json.loads(path.read_text())["data_path"] == str(tmp_path / "data.json")
+    assert TrainingConfig.from_dict(config.to_dict()) == config
+
+
+def test_unknown_keys_are_named_with_a_suggestion():
+    with pytest.raises(ConfigError, match="'learning_rat' \\(did you mean 'learning_rate'\\?\\)"):
+        TrainingConfig.from_dict({"learning_rat": 1e-4})
+    with pytest.raises(ConfigError, match="Unknown lora key"):
+        TrainingConfig.from_dict({"lora": {"rank": 8}})
+
+
+def test_load_reports_bad_files(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"learning_rate": 1e-4,,}')
+    with pytest.raises(ConfigError, match=r"bad.json: invalid JSON at line 1, column 24"):
+        TrainingConfig.load(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        TrainingConfig.load(tmp_path / "missing.json")
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        TrainingConfig.load(listed)
+
+
+def test_replace_validates_and_merges_lora():
+    config = TrainingConfig().replace(learning_rate=1e-4, lora={"r": 32})
+    assert config.learning_rate == 1e-4 and config.lora.r == 32 and config.lora.lora_alpha == 16
+    with pytest.raises(ConfigError):
+        TrainingConfig().replace(per_device_train_batch_size=0)
+    with pytest.raises(ConfigError, match="Unknown training config key"):
+        TrainingConfig().replace(batch=4)
+
+
+# The preset table of the original tool (mission.md).
+PRESET_TABLE = {
+    "minimal": dict(
+        load_in_4bit=True,
+        load_in_8bit=False,
+        max_length=512,
+        batch=1,
+        accum=32,
+        ckpt=True,
+        optim="paged_adamw_8bit",
+        r=4,
+        alpha=8,
+    ),
+    "rtx_3060": dict(
+        load_in_4bit=False,
+        load_in_8bit=True,
+        max_length=1024,
+        batch=1,
+        accum=16,
+        ckpt=True,
+        optim="paged_adamw_8bit",
+        r=8,
+        alpha=16,
+    ),
+    "rtx_4090": dict(
+        load_in_4bit=False,
+        load_in_8bit=False,
+        max_length=2048,
+        batch=4,
+        accum=4,
+        ckpt=False,
+        optim="adamw_torch",
+        r=8,
+        alpha=16,
+    ),
+    "a100": dict(
+        load_in_4bit=False,
+        load_in_8bit=False,
+        max_length=4096,
+        batch=8,
+        accum=2,
+        ckpt=False,
+        optim="adamw_torch",
+        r=8,
+        alpha=16,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_TABLE))
+def test_presets_match_the_table(name):
+    want = PRESET_TABLE[name]
+    config = PresetConfigs.get(name)
+    assert config.preset == name
+    assert config.load_in_4bit is want["load_in_4bit"]
+    assert config.load_in_8bit is want["load_in_8bit"]
+    assert config.max_length == want["max_length"]
+    assert config.per_device_train_batch_size == want["batch"]
+    assert config.gradient_accumulation_steps == want["accum"]
+    assert config.gradient_checkpointing is want["ckpt"]
+    assert config.optim == want["optim"]
+    assert (config.lora.r, config.lora.lora_alpha) == (want["r"], want["alpha"])
+
+
+def test_minimal_uses_double_quant_nf4_and_a100_bf16():
+    minimal = PresetConfigs.minimal()
+    assert minimal.bnb_4bit_quant_type == "nf4" and minimal.bnb_4bit_use_double_quant
+    assert PresetConfigs.a100().bf16 is True
+
+
+def test_cpu_preset_runs_anywhere():
+    cpu = PresetConfigs.cpu()
+    assert not cpu.load_in_4bit and not cpu.load_in_8bit
+    assert cpu.fp16 is False and cpu.bf16 is False
+    assert cpu.model_name == SMALL_MODEL
+    assert cpu.max_length <= 512
+    assert "8bit" not in cpu.optim
+
+
+def test_recommended_models():
+    assert PresetConfigs.minimal().model_name == SMALL_MODEL
+    assert PresetConfigs.rtx_3060().model_name == "Qwen/Qwen2.5-Coder-1.5B-Instruct"
+    for name in ("rtx_4090", "a100"):
+        assert "7B" in PresetConfigs.get(name).model_name
+
+
+def test_names_and_unknown_preset():
+    assert PresetConfigs.names() == ["minimal", "rtx_3060", "rtx_4090", "a100", "cpu", "auto"]
+    assert "auto" not in PresetConfigs.names(include_auto=False)
+    with pytest.raises(ConfigError, match="Did you mean 'rtx_3060'"):
+        PresetConfigs.get("rtx3060")
+
+
+def test_auto_without_gpu_is_cpu():
+    assert PresetConfigs.auto().preset == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("gib", "name"), [(6, "minimal"), (12, "rtx_3060"), (24, "rtx_4090"), (80, "a100")]
+)
+def test_preset_for_memory(gib, name):
+    assert preset_for_memory(gib) == name
