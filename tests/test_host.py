@@ -101,13 +101,11 @@ def test_registration_and_help_import_nothing_heavy():
             assert run_group(["--help"]) == 0
             assert run_group(["list", "--help"]) == 0
             assert run_group(["list"]) == 0
-        heavy = [m for m in %r if m in sys.modules]
-        print(",".join(heavy))
+        print(" ".join(sys.modules))
         """
-        % (HEAVY,)
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == ""
+    assert not set(HEAVY) & set(proc.stdout.split())
 
 
 def test_package_api_is_lazy():
@@ -116,12 +114,11 @@ def test_package_api_is_lazy():
         import sys
         import sage_finetune_plugin as p
         p.PresetConfigs.rtx_3060(); p.TrainingConfig(); p.LoRAConfig()
-        print(",".join(m for m in %r if m in sys.modules))
+        print(" ".join(sys.modules))
         """
-        % (HEAVY,)
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == ""
+    assert not set(HEAVY) & set(proc.stdout.split())
 
 
 # --- a broken environment -------------------------------------------------------------------
