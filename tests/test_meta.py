@@ -182,3 +182,13 @@ def test_meta_round_trip():
     meta = TaskMeta(task_type="qa", model="m", metrics={"loss_history": [{"step": 1, "loss": 2.0}]})
     again = TaskMeta.from_dict(meta.to_dict())
     assert again == meta and again.last_train_loss == 2.0
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        task = make_task(tmp_path, "t", ORIGINAL_META)
+        update_meta(task, status="trained")
+    finally:
+        os.umask(old)
+    assert (task / META_FILENAME).stat().st_mode & 0o777 == 0o644

@@ -1,0 +1,2 @@
+def hidden() -> None:
+    """A hidden module that must not be scanned."""

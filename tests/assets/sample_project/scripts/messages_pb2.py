@@ -1,0 +1,3 @@
+def generated_by_protoc():
+    """Generated protocol buffer code."""
+    return None
