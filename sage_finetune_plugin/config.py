@@ -383,15 +383,13 @@ def preset_for_memory(total_gib: float) -> str:
 
 
 def detect_preset() -> str:
-    """The preset name for this machine's hardware (imports torch)."""
-    import torch
+    """The preset name for this machine's hardware: the largest GPU preset whose memory
+    estimate fits the CUDA device (see ``memory.choose_preset``), else ``cpu`` (imports torch)."""
+    from .memory import choose_preset
 
-    if torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(0).total_memory / 2**30
-        return preset_for_memory(total)
     # Apple MPS has no bitsandbytes kernels and no fp16 autocast worth the risk: the cpu
     # preset's fp32, unquantized settings are the ones that run there.
-    return "cpu"
+    return choose_preset()[0]
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -52,6 +52,12 @@ class OutOfMemoryError(TrainingError):
     """The device ran out of memory; the message says what to lower."""
 
 
+class TrainingInterrupted(TrainingError):
+    """Training stopped on Ctrl-C / SIGTERM; the message says how to resume (exit code 130)."""
+
+    exit_code = 130
+
+
 class LockError(FinetuneError):
     """Another process is working on the same task."""
 

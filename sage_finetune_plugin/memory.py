@@ -1,0 +1,526 @@
+"""Peak-memory estimate of a LoRA / QLoRA run, and the automatic preset.
+
+``estimate_memory(config)`` predicts the peak memory of training ``config`` from the model's
+configuration alone: the model is instantiated on the meta device (no weights are read or
+allocated) to count its parameters and list its linear layers, and the rest is arithmetic on
+the config (hidden size, layers, heads, vocabulary) and the training settings (batch size,
+sequence length, quantization, precision, gradient checkpointing, LoRA targets, optimizer).
+
+What is counted, and why (each term was checked against saved-tensor hooks and peak RSS on the
+CPU; see tests/test_memory.py):
+
+- weights: every parameter at the load precision; with 4-bit or 8-bit loading the linear layers
+  of the decoder at their quantized size (4-bit: half a byte per weight plus the block
+  constants, 8-bit: one byte plus a scale per row) and everything else in fp32, because
+  ``prepare_model_for_kbit_training`` upcasts it; on the CPU, the memory-mapped checkpoint
+  quantized from stays resident too.
+- LoRA weights, their gradients and the optimizer states, all fp32 (8-bit optimizers: 2 bytes).
+- activations saved for the backward pass, per token and decoder layer: the two RMS norms
+  (input and inverse RMS, fp32), attention inputs and output (keys and values repeated to every
+  head when a padding mask is passed, plus the mask itself), the gated MLP (3 x intermediate),
+  and for each LoRA layer its dropout mask and output and its rank-sized hidden state. With
+  gradient checkpointing only each layer's input is kept, plus one layer being recomputed.
+- logits: the log-softmax saved by the loss, its gradient and the gradient of the logits,
+  each batch x sequence x vocabulary in fp32 (plus the half-precision logits on a GPU).
+- overhead: on a GPU the CUDA context and allocator slack; on the CPU the resident size of
+  Python with torch, transformers, peft and datasets loaded, plus the freed activation memory
+  that glibc's malloc keeps resident (measured: half of a step's activations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .config import ALL_LINEAR, PresetConfigs, TrainingConfig
+from .errors import ModelError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+GIB = 2**30
+MIB = 2**20
+
+#: GPU presets from the largest to the smallest: ``choose_preset`` takes the first that fits.
+GPU_PRESETS = ("a100", "rtx_4090", "rtx_3060", "minimal")
+#: Share of the device memory kept free by ``fits`` and ``choose_preset``.
+DEFAULT_MARGIN = 0.1
+#: Resident memory of a Python process with torch, transformers, peft, datasets and a Trainer
+#: at work, on a negligible model (measured on Linux x86-64, torch 2.13 CPU: 0.54 GiB peak
+#: training the tiny test model).
+CPU_BASELINE = 560 * MIB
+#: Share of a step's activation memory (as if nothing were checkpointed) that glibc's malloc
+#: keeps resident after it is freed, measured on SmolLM2-135M over batch 1-4 x 128-512 tokens,
+#: with and without gradient checkpointing.
+CPU_ALLOCATOR_RETENTION = 0.5
+#: CUDA context, cuBLAS workspaces and kernels loaded on the GPU, outside torch's allocator.
+CUDA_CONTEXT = 700 * MIB
+#: Caching-allocator slack on the GPU, as a share of the memory allocated per step.
+CUDA_ALLOCATOR_SLACK = 0.1
+#: 4-bit quantization stores one absmax per 64 weights: a byte (double quantization, plus one
+#: fp32 constant per 256 blocks) or an fp32.
+BNB_4BIT_BLOCK = 64
+BNB_DOUBLE_QUANT_GROUP = 256
+#: Bytes per trainable parameter of the optimizer's states.
+OPTIMIZER_STATE_BYTES = {"8bit": 2, "sgd": 0, "adafactor": 4}
+ADAM_STATE_BYTES = 8
+#: fp32 tensors of batch x sequence x vocabulary alive at the loss's peak: the log-softmax
+#: saved for backward, its gradient and the gradient of the logits.
+LOGITS_COPIES = 3
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted peak memory of a training run, in bytes per component."""
+
+    model_name: str
+    device: str
+    precision: str
+    quantization: str | None
+    batch_size: int
+    seq_len: int
+    gradient_checkpointing: bool
+    parameters: int
+    trainable_parameters: int
+    weights: int
+    lora_weights: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    logits: int
+    overhead: int
+
+    COMPONENTS = (
+        "weights",
+        "lora_weights",
+        "gradients",
+        "optimizer_states",
+        "activations",
+        "logits",
+        "overhead",
+    )
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, name) for name in self.COMPONENTS)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "total": self.total}
+
+    def summary(self) -> list[str]:
+        """Human-readable lines: the setting, then one line per component and the total."""
+        quantized = f", {self.quantization}" if self.quantization else ""
+        checkpointing = ", gradient checkpointing" if self.gradient_checkpointing else ""
+        lines = [
+            f"Memory estimate for {self.model_name} on {self.device} ({self.precision}"
+            f"{quantized}{checkpointing}), batch {self.batch_size} x {self.seq_len} tokens:",
+        ]
+        labels = {
+            "weights": f"base weights ({self.parameters / 1e6:,.1f}M parameters)",
+            "lora_weights": f"LoRA weights ({self.trainable_parameters / 1e6:,.2f}M trainable)",
+            "gradients": "LoRA gradients",
+            "optimizer_states": "optimizer states",
+            "activations": "activations",
+            "logits": "logits and loss",
+            "overhead": "CUDA context and allocator"
+            if self.device == "cuda"
+            else "Python, libraries and allocator",
+        }
+        lines += [f"  {labels[name]:<42} {_gib(getattr(self, name))}" for name in self.COMPONENTS]
+        lines.append(f"  {'total (peak)':<42} {_gib(self.total)}")
+        return lines
+
+    def __str__(self) -> str:
+        parts = ", ".join(
+            f"{name.replace('_', ' ')} {getattr(self, name) / GIB:.2f}"
+            for name in ("weights", "activations", "logits", "overhead")
+        )
+        return f"{_gib(self.total)} on {self.device} ({parts} GiB)"
+
+
+def estimate_memory(
+    config: TrainingConfig,
+    *,
+    model_config: PretrainedConfig | None = None,
+    device: str | None = None,
+    seq_len: int | None = None,
+) -> MemoryEstimate:
+    """Predict the peak memory of training ``config`` without loading weights.
+
+    ``model_config`` defaults to ``models.model_config(config.model_name)``; ``device``
+    ("cuda", "mps" or "cpu") to the device training would use here; ``seq_len`` (the longest
+    sample after truncation) to ``config.max_length``.
+    """
+    if model_config is None:
+        from .models import model_config as load_model_config
+
+        model_config = load_model_config(
+            config.model_name, trust_remote_code=config.trust_remote_code
+        )
+    device = device or default_device(config)
+    arch = _Architecture.of(model_config, config.trust_remote_code)
+    setting = _Setting.of(config, device, seq_len)
+    lora = arch.lora_layers(config.lora.target_modules)
+    trainable = sum(config.lora.r * (layer.in_features + layer.out_features) for layer in lora)
+    # Bytes per token one decoder layer saves for backward, its LoRA layers included.
+    layer = _layer_bytes_per_token(arch, setting) + _lora_bytes_per_token(
+        lora, setting, config.lora.r, config.lora.lora_dropout
+    ) / max(arch.layers, 1)
+    activations = _activations(arch, setting, layer, config)
+    logits = _logits(arch, setting)
+    return MemoryEstimate(
+        model_name=config.model_name,
+        device=device,
+        precision=setting.precision,
+        quantization=_quantization_name(config),
+        batch_size=setting.batch,
+        seq_len=setting.seq_len,
+        gradient_checkpointing=config.gradient_checkpointing,
+        parameters=arch.parameters,
+        trainable_parameters=trainable,
+        weights=_weights(arch, setting, config),
+        lora_weights=trainable * 4,
+        gradients=trainable * 4,
+        optimizer_states=trainable * _optimizer_bytes(config.optim),
+        activations=activations,
+        logits=logits,
+        overhead=_overhead(arch, setting, layer, activations + logits),
+    )
+
+
+def fits(estimate: MemoryEstimate, available_bytes: int, margin: float = DEFAULT_MARGIN) -> bool:
+    """Whether the estimate, plus ``margin`` of it, fits in ``available_bytes``."""
+    return estimate.total * (1 + margin) <= available_bytes
+
+
+def choose_preset(
+    model_name: str | None = None,
+    device_memory: int | None = None,
+    *,
+    margin: float = DEFAULT_MARGIN,
+) -> tuple[str, MemoryEstimate]:
+    """The largest GPU preset whose estimate fits the GPU with ``margin``, and that estimate.
+
+    ``model_name`` replaces the presets' own models; ``device_memory`` (bytes) stands for the
+    memory of the CUDA device, detected when not given. Without a GPU the answer is ``cpu``.
+    When no GPU preset fits, the smallest one is returned (check it with ``fits``).
+    """
+    if device_memory is None:
+        device_memory = cuda_memory()
+        if device_memory is None:
+            return "cpu", estimate_memory(_preset("cpu", model_name))
+    estimate = None
+    for name in GPU_PRESETS:
+        estimate = estimate_memory(_preset(name, model_name), device="cuda")
+        if fits(estimate, device_memory, margin):
+            return name, estimate
+    return GPU_PRESETS[-1], estimate
+
+
+def default_device(config: TrainingConfig | None = None) -> str:
+    """The device training picks here: cuda, else mps (not for bitsandbytes), else cpu."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    quantized = config is not None and (config.load_in_4bit or config.load_in_8bit)
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available() and not quantized:
+        return "mps"
+    return "cpu"
+
+
+def cuda_memory() -> int | None:
+    """Total memory of the first CUDA device in bytes, or None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.get_device_properties(0).total_memory)
+
+
+def available_memory(device: str) -> int:
+    """Memory a run may use on ``device``: the GPU's total, or the host's available RAM."""
+    if device == "cuda":
+        total = cuda_memory()
+        if total is not None:
+            return total
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+# --- the model's shape -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Linear:
+    name: str
+    parent: str
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class _Architecture:
+    """What the estimate needs from a model: sizes and its linear layers."""
+
+    hidden: int
+    layers: int
+    vocab: int
+    heads: int
+    q_dim: int
+    kv_dim: int
+    intermediate: int
+    gated_mlp: bool
+    parameters: int
+    stored_element: int  # bytes per parameter in the checkpoint
+    linears: tuple[_Linear, ...]  # decoder linear layers (quantizable, LoRA candidates)
+
+    @classmethod
+    def of(cls, config: PretrainedConfig, trust_remote_code: bool) -> _Architecture:
+        model = _meta_model(config, trust_remote_code)
+        head = model.get_output_embeddings()
+        linears = tuple(
+            _Linear(name, name.rpartition(".")[0], module.in_features, module.out_features)
+            for name, module in _linear_modules(model)
+            if module is not head
+        )
+        hidden = _config_value(config, "hidden_size", "n_embd", "d_model")
+        heads = _config_value(config, "num_attention_heads", "n_head")
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+        return cls(
+            hidden=hidden,
+            layers=_config_value(config, "num_hidden_layers", "n_layer"),
+            vocab=_config_value(config, "vocab_size"),
+            heads=heads,
+            q_dim=heads * head_dim,
+            kv_dim=kv_heads * head_dim,
+            intermediate=intermediate,
+            gated_mlp=_is_gated(linears, intermediate),
+            parameters=sum(p.numel() for p in model.parameters()),
+            stored_element=4 if str(_stored_dtype(config)).endswith("float32") else 2,
+            linears=linears,
+        )
+
+    def lora_layers(self, targets: list[str] | str) -> list[_Linear]:
+        """The linear layers peft adapts for ``target_modules`` (the output head excluded)."""
+        if targets == ALL_LINEAR:
+            return list(self.linears)
+        if isinstance(targets, str):  # peft: a regular expression on the full name
+            import re
+
+            pattern = re.compile(targets)
+            return [layer for layer in self.linears if pattern.fullmatch(layer.name)]
+        wanted = set(targets)
+        return [
+            layer
+            for layer in self.linears
+            if layer.name.rpartition(".")[2] in wanted or layer.name in wanted
+        ]
+
+
+def _meta_model(config: PretrainedConfig, trust_remote_code: bool) -> Any:
+    """The model built on the meta device: shapes only, nothing allocated."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (ValueError, ImportError, KeyError) as exc:
+        raise ModelError(
+            f"Cannot build {getattr(config, 'model_type', 'this model')} to estimate its "
+            f"memory: {exc}"
+        ) from None
+
+
+def _stored_dtype(config: PretrainedConfig) -> Any:
+    """The checkpoint's dtype (``dtype`` in transformers 5, ``torch_dtype`` before)."""
+    values = vars(config)
+    return values.get("dtype") or values.get("torch_dtype")
+
+
+def _linear_modules(model: Any) -> Iterator[tuple[str, Any]]:
+    import torch
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            yield name, module
+
+
+def _config_value(config: PretrainedConfig, *names: str) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    raise ModelError(
+        f"Cannot estimate memory for model type {getattr(config, 'model_type', '?')!r}: "
+        f"its config has none of {', '.join(names)}."
+    )
+
+
+def _is_gated(linears: tuple[_Linear, ...], intermediate: int) -> bool:
+    """A gated MLP (SwiGLU: gate and up projections) has two linear layers, or one fused
+    layer, producing 2 x intermediate features under the same parent module."""
+    produced: dict[str, int] = {}
+    for layer in linears:
+        if layer.out_features in (intermediate, 2 * intermediate):
+            produced[layer.parent] = produced.get(layer.parent, 0) + layer.out_features
+    return any(total == 2 * intermediate for total in produced.values())
+
+
+# --- the training setting --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Setting:
+    device: str
+    precision: str
+    batch: int
+    seq_len: int
+    padded: bool  # batches carry a padding mask (dynamic padding of several samples)
+
+    @classmethod
+    def of(cls, config: TrainingConfig, device: str, seq_len: int | None) -> _Setting:
+        length = min(seq_len or config.max_length, config.max_length)
+        batch = config.per_device_train_batch_size
+        if config.packing:  # the collator packs a batch into one row
+            return cls(device, _precision(config, device), 1, batch * length, True)
+        return cls(device, _precision(config, device), batch, length, batch > 1)
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+    @property
+    def element(self) -> int:
+        """Bytes per element of weights and activations."""
+        return 4 if self.precision == "float32" else 2
+
+    @property
+    def mask_element(self) -> int:
+        """Bytes per element of a dropout mask: bool on CUDA (fused kernel), else a float."""
+        return 1 if self.device == "cuda" else self.element
+
+
+def _precision(config: TrainingConfig, device: str) -> str:
+    """The precision training_utils.resolve_runtime picks (bf16 assumed on a GPU)."""
+    if config.fp16:
+        return "float16"
+    if config.bf16:
+        return "bfloat16"
+    if device == "cuda" and not (config.fp16 is False and config.bf16 is False):
+        return "bfloat16"
+    return "float32"
+
+
+def _quantization_name(config: TrainingConfig) -> str | None:
+    if config.load_in_4bit:
+        double = " + double quant" if config.bnb_4bit_use_double_quant else ""
+        return f"4-bit {config.bnb_4bit_quant_type}{double}"
+    return "8-bit" if config.load_in_8bit else None
+
+
+# --- the components --------------------------------------------------------------------------
+
+
+def _weights(arch: _Architecture, setting: _Setting, config: TrainingConfig) -> int:
+    if not (config.load_in_4bit or config.load_in_8bit):
+        return arch.parameters * setting.element
+    quantized = sum(layer.in_features * layer.out_features for layer in arch.linears)
+    rest = (arch.parameters - quantized) * 4  # upcast to fp32 by prepare_model_for_kbit_training
+    # On the CPU the checkpoint quantized from stays memory-mapped: its pages count as resident.
+    mapped = arch.parameters * arch.stored_element if setting.device != "cuda" else 0
+    if config.load_in_8bit:
+        scales = sum(layer.out_features for layer in arch.linears) * 4
+        return quantized + scales + rest + mapped
+    blocks = quantized / BNB_4BIT_BLOCK
+    if config.bnb_4bit_use_double_quant:
+        constants = blocks + blocks / BNB_DOUBLE_QUANT_GROUP * 8
+    else:
+        constants = blocks * 4
+    return int(quantized / 2 + constants) + rest + mapped
+
+
+def _optimizer_bytes(optim: str) -> int:
+    for key, size in OPTIMIZER_STATE_BYTES.items():
+        if key in optim:
+            return size
+    return ADAM_STATE_BYTES
+
+
+def _activations(
+    arch: _Architecture, setting: _Setting, layer: float, config: TrainingConfig
+) -> int:
+    """Bytes saved for the backward pass at its start (the peak)."""
+    if config.gradient_checkpointing:
+        # Each layer keeps its input; the layer being recomputed holds everything once.
+        per_token = arch.layers * arch.hidden * setting.element + layer
+    else:
+        per_token = arch.layers * layer
+    final_norm = (arch.hidden + 1) * 4
+    mask = setting.seq_len if setting.padded else 0  # the boolean attention mask, shared
+    workspace = _dequantization_workspace(arch, setting, config)
+    return int(setting.tokens * (per_token + final_norm + mask)) + workspace
+
+
+def _layer_bytes_per_token(arch: _Architecture, setting: _Setting) -> int:
+    """Bytes per token a decoder layer saves, LoRA layers aside."""
+    e = setting.element
+    norms = 2 * (arch.hidden + 1) * 4  # input and inverse RMS, computed in fp32
+    # A padding mask makes sdpa repeat keys and values to every head and take a float mask.
+    kv = arch.q_dim if setting.padded else arch.kv_dim
+    attention = (2 * arch.q_dim + 2 * kv) * e + arch.heads * 4  # q, out, k, v; log-sum-exp
+    if setting.padded:
+        attention += setting.seq_len * e
+    mlp = (3 if arch.gated_mlp else 1) * arch.intermediate * e
+    return norms + attention + mlp
+
+
+def _lora_bytes_per_token(lora: list[_Linear], setting: _Setting, rank: int, dropout: float) -> int:
+    """Bytes per token all LoRA layers save: with dropout, each its mask and dropped input;
+    without, each input once per parent module and input size (q/k/v share one). The
+    attention output projection reads the output attention already saved."""
+    e = setting.element
+    total = len(lora) * rank * e
+    if dropout > 0:
+        return total + sum(layer.in_features * (e + setting.mask_element) for layer in lora)
+    inputs = {(layer.parent, layer.in_features) for layer in lora}
+    return total + sum(size for _, size in inputs) * e
+
+
+def _dequantization_workspace(
+    arch: _Architecture, setting: _Setting, config: TrainingConfig
+) -> int:
+    """bitsandbytes dequantizes one weight matrix at a time for the matmul."""
+    if not (config.load_in_4bit or config.load_in_8bit) or not arch.linears:
+        return 0
+    return max(layer.in_features * layer.out_features for layer in arch.linears) * setting.element
+
+
+def _logits(arch: _Architecture, setting: _Setting) -> int:
+    extra = 0 if setting.precision == "float32" else setting.element  # the half-precision logits
+    return setting.tokens * arch.vocab * (LOGITS_COPIES * 4 + extra)
+
+
+def _overhead(arch: _Architecture, setting: _Setting, layer: float, dynamic: int) -> int:
+    """GPU: context and allocator slack. CPU: the libraries, and the memory the C allocator
+    keeps after the step's temporaries are freed (measured: half of what every layer would
+    save without checkpointing, with or without it)."""
+    if setting.device == "cuda":
+        return CUDA_CONTEXT + int(dynamic * CUDA_ALLOCATOR_SLACK)
+    return CPU_BASELINE + int(CPU_ALLOCATOR_RETENTION * setting.tokens * arch.layers * layer)
+
+
+def _preset(name: str, model_name: str | None) -> TrainingConfig:
+    config = PresetConfigs.get(name)
+    return config.replace(model_name=model_name) if model_name else config
+
+
+def _gib(size: int) -> str:
+    return f"{size / GIB:6.2f} GiB" if size >= 100 * MIB else f"{size / MIB:6.1f} MiB"

@@ -1,0 +1,732 @@
+"""LoRA / QLoRA training of a causal language model, as a recipe that reads top to bottom.
+
+``LoRATrainer(config).train()`` runs: resolve the model -> load it (4-bit, 8-bit or not
+quantized) -> attach LoRA -> prepare the data -> train with ``transformers.Trainer`` -> save the
+adapter -> update the task's meta. Each step is a method a subclass may override::
+
+    class MyTrainer(LoRATrainer):
+        def prepare_data(self):
+            ...  # return a PreparedDataset (.train, .eval, .collator)
+
+``train_from_meta(task_dir)`` (and ``python -m sage_finetune_plugin.trainer TASK_DIR``) trains
+a task with the hyperparameters recorded in its meta and writes the ones used back into it.
+Nothing here prints except progress (tqdm on stderr) and ``logging`` records; problems are
+raised as FinetuneError subclasses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .callbacks import ProgressCallback, StopOnSignal
+from .config import PresetConfigs, TrainingConfig
+from .errors import (
+    ConfigError,
+    DataError,
+    FinetuneError,
+    ModelError,
+    OutOfMemoryError,
+    TrainingError,
+    TrainingInterrupted,
+)
+from .locks import RunLock
+from .meta import TaskMeta, load_meta, meta_path, save_meta
+from .training_utils import (
+    Runtime,
+    is_complete_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    loss_histories,
+    peak_memory_bytes,
+    plot_loss,
+    quantization_config,
+    resolve_runtime,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+
+    from .data import PreparedDataset
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+CHECKPOINTS_DIR = "checkpoints"
+LOGS_DIR = "logs"
+LOSS_PLOT = "loss.png"
+PREPARED_CACHE = Path(".cache") / "prepared"
+#: Config fields that describe the task (model and data) rather than the hyperparameters: a
+#: preset chosen with ``--preset`` replaces everything else.
+TASK_FIELDS = (
+    "model_name",
+    "trust_remote_code",
+    "data_path",
+    "eval_data_path",
+    "eval_ratio",
+    "data_format",
+    "train_on_prompt",
+    "output_dir",
+)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    task_dir: Path
+    adapter_path: Path
+    metrics: dict[str, Any]
+    #: The config as it ran: resolved LoRA targets, precision and optimizer.
+    config: TrainingConfig
+    target_modules: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def global_step(self) -> int:
+        return int(self.metrics.get("global_step", 0))
+
+    @property
+    def train_loss(self) -> float | None:
+        return self.metrics.get("train_loss")
+
+
+class LoRATrainer:
+    """Train a LoRA adapter for ``config``; outputs go to ``task_dir`` (default: output_dir).
+
+    ``callbacks`` are extra ``transformers.TrainerCallback`` objects. After ``train()`` the
+    steps' results stay available as ``tokenizer``, ``model``, ``data`` and ``trainer``.
+    """
+
+    def __init__(
+        self,
+        config: TrainingConfig,
+        *,
+        task_dir: str | os.PathLike[str] | None = None,
+        callbacks: Sequence[Any] | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.task_dir = Path(task_dir if task_dir is not None else config.output_dir)
+        self.callbacks = list(callbacks or [])
+        self.runtime: Runtime | None = None
+        self.model_path: Path | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.model: Any = None
+        self.data: PreparedDataset | None = None
+        self.trainer: Trainer | None = None
+        self.target_modules: list[str] = []
+        self.notes: list[str] = []
+        self._stop = StopOnSignal()
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.task_dir / CHECKPOINTS_DIR
+
+    @property
+    def quantized(self) -> bool:
+        return self.config.load_in_4bit or self.config.load_in_8bit
+
+    # --- the recipe ---------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: bool | str | os.PathLike[str] = False) -> TrainResult:
+        """Run the whole recipe; ``resume_from_checkpoint=True`` continues from the newest
+        complete checkpoint of the task (from scratch when there is none)."""
+        started = time.monotonic()
+        self.task_dir.mkdir(parents=True, exist_ok=True)
+        with RunLock(self.task_dir) as lock:
+            if lock.took_over is not None:
+                self._note(f"took over the stale lock of dead process {lock.took_over.get('pid')}")
+            self._update_meta(status="training", training=self.config.to_dict())
+            try:
+                return self._run(resume_from_checkpoint, started)
+            except TrainingInterrupted:
+                raise
+            except KeyboardInterrupt:
+                self._update_meta(status="interrupted")
+                raise TrainingInterrupted(self._interrupted_message(saved=None)) from None
+            except BaseException as exc:
+                self._update_meta(status="failed")
+                if _is_out_of_memory(exc):
+                    raise OutOfMemoryError(self._out_of_memory_message()) from exc
+                raise
+
+    def _run(self, resume: bool | str | os.PathLike[str], started: float) -> TrainResult:
+        with warnings.catch_warnings():
+            # transformers 5 renamed gradient -> activation checkpointing; peft still calls
+            # the old names. Nothing a user can act on.
+            warnings.filterwarnings("ignore", r".*removed in v6", FutureWarning)
+            return self._recipe(resume, started)
+
+    def _recipe(self, resume: bool | str | os.PathLike[str], started: float) -> TrainResult:
+        self._stop.requested = False
+        self.runtime = resolve_runtime(self.config)
+        for note in self.runtime.notes:
+            self._note(note)
+        self._setup_process()
+        self.model_path = self.resolve_model()
+        self.tokenizer = self.load_tokenizer()
+        self.model = self.attach_lora(self.load_model())
+        self.data = self.prepare_data()
+        self.trainer = self.build_trainer(self.model, self.data)
+        checkpoint = self._checkpoint_to_resume(resume)
+        resumed = _resume_point(checkpoint)  # read now: rotation may delete the checkpoint
+        with self._stop.installed():
+            output = self.trainer.train(resume_from_checkpoint=checkpoint and str(checkpoint))
+        if self._stop.requested:
+            self._record(started, resumed, status="interrupted")
+            raise TrainingInterrupted(self._interrupted_message(saved=self.trainer.state))
+        if getattr(self.data, "eval", None) is not None:
+            self.trainer.evaluate()
+        adapter = self.save(self.trainer)
+        metrics = self._record(started, resumed, status="trained", output=output)
+        return TrainResult(
+            self.task_dir, adapter, metrics, self._config_used(), self.target_modules, self.notes
+        )
+
+    # --- steps (override in a subclass) -----------------------------------------------------
+
+    def resolve_model(self) -> Path:
+        """The local folder of the base model (hub id, local dir, HF cache or embedded)."""
+        from .models import resolve_model
+
+        config = self.config
+        return resolve_model(config.model_name, trust_remote_code=config.trust_remote_code)
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        from .models import load_tokenizer
+
+        return load_tokenizer(
+            str(self.model_path or self.config.model_name),
+            trust_remote_code=self.config.trust_remote_code,
+        )
+
+    def load_model(self) -> PreTrainedModel:
+        """The base model, quantized with bitsandbytes when the config asks for 4 or 8 bits."""
+        from transformers import AutoModelForCausalLM
+
+        runtime = self._runtime()
+        kwargs: dict[str, Any] = {
+            "dtype": runtime.dtype,
+            "trust_remote_code": self.config.trust_remote_code,
+        }
+        quantization = quantization_config(self.config, runtime)
+        if quantization is not None:
+            from .deps import require
+
+            require("bitsandbytes")
+            kwargs["quantization_config"] = quantization
+            kwargs["device_map"] = _device_map(runtime.device)
+        path = self.model_path or self.config.model_name
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except (OSError, ValueError, ImportError) as exc:
+            name = self.config.model_name
+            raise ModelError(f"Cannot load model {name} from {path}: {exc}") from None
+        model.config.use_cache = False  # the KV cache is useless in training
+        if quantization is not None:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=self.config.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        bits = "4-bit" if self.config.load_in_4bit else "8-bit"
+        logger.info(
+            "Loaded %s (%s) on %s%s",
+            self.config.model_name,
+            runtime.dtype_name,
+            runtime.device,
+            f", {bits} quantized" if quantization is not None else "",
+        )
+        return model
+
+    def attach_lora(self, model: PreTrainedModel) -> Any:
+        """Wrap the model with LoRA adapters; ``all-linear`` becomes the architecture's linear
+        projections (the output head excluded), recorded in ``target_modules``."""
+        from peft import LoraConfig, get_peft_model
+
+        lora = self.config.lora
+        if self.config.gradient_checkpointing and not self.quantized:
+            model.enable_input_require_grads()
+        peft_config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.lora_alpha,
+            lora_dropout=lora.lora_dropout,
+            target_modules=lora.target_modules,
+            bias=lora.bias,
+            task_type=lora.task_type,
+        )
+        try:
+            model = get_peft_model(model, peft_config)
+        except ValueError as exc:
+            raise ConfigError(f"Cannot attach LoRA to {self.config.model_name}: {exc}") from None
+        resolved = model.peft_config["default"].target_modules
+        self.target_modules = sorted({name.rsplit(".", 1)[-1] for name in resolved})
+        trainable, total = model.get_nb_trainable_parameters()
+        logger.info(
+            "LoRA r=%d alpha=%d on %s: %s trainable parameters of %s (%.2f%%)",
+            lora.r,
+            lora.lora_alpha,
+            ", ".join(self.target_modules),
+            f"{trainable:,}",
+            f"{total:,}",
+            100 * trainable / max(total, 1),
+        )
+        return model
+
+    def prepare_data(self) -> PreparedDataset:
+        """Tokenized train (and eval) data with loss masks and a padding collator."""
+        from .data import prepare_dataset
+
+        if not self.config.data_path:
+            raise DataError("No training data: set data_path in the training config.")
+        data = prepare_dataset(
+            self.config.data_path,
+            self.tokenizer,
+            self.config,
+            cache_dir=self.task_dir / PREPARED_CACHE,
+        )
+        logger.info("Data: %s", data.stats.summary().replace("\n", "; "))
+        return data
+
+    def build_trainer(self, model: Any, data: PreparedDataset) -> Trainer:
+        """A ``transformers.Trainer`` with this plugin's progress bar, TensorBoard logs in
+        ``<task>/logs`` and the Ctrl-C handler."""
+        from transformers import PrinterCallback, Trainer
+        from transformers import ProgressCallback as HFProgressCallback
+
+        trainer = Trainer(
+            model=model,
+            args=self.training_arguments(data),
+            train_dataset=data.train,
+            eval_dataset=getattr(data, "eval", None),
+            data_collator=data.collator,
+            processing_class=self.tokenizer,
+        )
+        trainer.remove_callback(HFProgressCallback)
+        trainer.remove_callback(PrinterCallback)
+        for callback in (ProgressCallback(), self._stop, *self._tensorboard(), *self.callbacks):
+            trainer.add_callback(callback)
+        return trainer
+
+    def training_arguments(self, data: PreparedDataset) -> Any:
+        """``transformers.TrainingArguments`` for this config, device and data."""
+        from transformers import TrainingArguments
+
+        config, runtime = self.config, self._runtime()
+        has_eval = getattr(data, "eval", None) is not None
+        packing = getattr(data, "packing", False)
+        group_by_length = not packing and config.per_device_train_batch_size > 1
+        values = _compatible_arguments(
+            TrainingArguments,
+            output_dir=str(self.checkpoints_dir),
+            num_train_epochs=config.num_train_epochs,
+            max_steps=config.max_steps or -1,
+            per_device_train_batch_size=config.per_device_train_batch_size,
+            per_device_eval_batch_size=config.per_device_train_batch_size,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            learning_rate=config.learning_rate,
+            lr_scheduler_type=config.lr_scheduler_type,
+            warmup_ratio=config.warmup_ratio,
+            weight_decay=config.weight_decay,
+            max_grad_norm=config.max_grad_norm,
+            optim=runtime.optim,
+            fp16=runtime.fp16,
+            bf16=runtime.bf16,
+            use_cpu=runtime.device == "cpu",
+            gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            group_by_length=group_by_length,
+            length_column_name="length",
+            logging_steps=config.logging_steps,
+            logging_first_step=True,
+            save_strategy="steps",
+            save_steps=config.save_steps,
+            save_total_limit=config.save_total_limit,
+            save_safetensors=True,
+            eval_strategy="steps" if has_eval else "no",
+            eval_steps=config.save_steps if has_eval else None,
+            report_to="none",
+            seed=config.seed,
+            dataloader_num_workers=config.dataloader_num_workers,
+            remove_unused_columns=False,
+            # A packed batch has no padding (and no attention mask to count it from).
+            include_num_input_tokens_seen="all" if packing else "non_padding",
+        )
+        try:
+            return TrainingArguments(**values)
+        except (ValueError, ImportError) as exc:
+            raise ConfigError(f"Invalid training settings: {exc}") from None
+
+    def save(self, trainer: Trainer) -> Path:
+        """Save the adapter (safetensors) and the tokenizer to ``<task>/adapter``."""
+        target = self.task_dir / ADAPTER_DIR
+        staging = self.task_dir / f".{ADAPTER_DIR}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        trainer.model.save_pretrained(staging, safe_serialization=True)
+        self.tokenizer.save_pretrained(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+        logger.info("Adapter saved to %s", target)
+        return target
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _runtime(self) -> Runtime:
+        if self.runtime is None:
+            self.runtime = resolve_runtime(self.config)
+        return self.runtime
+
+    def _note(self, text: str) -> None:
+        self.notes.append(text)
+        logger.warning("Note: %s", text)
+
+    def _setup_process(self) -> None:
+        import torch
+        from transformers import set_seed
+
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        set_seed(self.config.seed)
+
+    def _tensorboard(self) -> list[Any]:
+        if self.config.report_to != "tensorboard":
+            return []
+        from .deps import require
+
+        require("tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        return [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(self.task_dir / LOGS_DIR)))]
+
+    def _checkpoint_to_resume(self, resume: bool | str | os.PathLike[str]) -> Path | None:
+        """The checkpoint to continue from; a fresh run clears the old checkpoints."""
+        if resume is True:
+            checkpoint = latest_checkpoint(self.checkpoints_dir)
+            if checkpoint is None:
+                self._note("no complete checkpoint to resume from: starting at step 0")
+            else:
+                logger.info("Resuming from %s", checkpoint)
+            return checkpoint
+        if resume:
+            checkpoint = Path(resume)
+            if not is_complete_checkpoint(checkpoint):
+                raise TrainingError(
+                    f"{checkpoint} is not a complete checkpoint (adapter_model.safetensors and "
+                    "trainer_state.json): resume from another one, or use --resume."
+                )
+            return checkpoint
+        old = list_checkpoints(self.checkpoints_dir)
+        if old:
+            self._note(f"starting over: removed {len(old)} checkpoint(s) of an earlier run")
+            shutil.rmtree(self.checkpoints_dir)
+        return None
+
+    def _record(
+        self,
+        started: float,
+        resumed: dict[str, int] | None,
+        *,
+        status: str,
+        output: Any = None,
+    ) -> dict[str, Any]:
+        """Metrics into the meta, the config actually used, and the loss plot."""
+        state = self.trainer.state
+        runtime = self._runtime()
+        train, evals = loss_histories(state)
+        runtime_s = (output.metrics.get("train_runtime") if output else None) or (
+            time.monotonic() - started
+        )
+        session_tokens = state.num_input_tokens_seen - (resumed["tokens"] if resumed else 0)
+        metrics = {
+            "global_step": state.global_step,
+            "max_steps": state.max_steps,
+            "epochs": round(state.epoch or 0.0, 4),
+            "train_loss": train[-1]["loss"] if train else None,
+            "eval_loss": evals[-1]["loss"] if evals else None,
+            "loss_history": train,
+            "eval_loss_history": evals,
+            "tokens_seen": state.num_input_tokens_seen,
+            "tokens_per_second": round(session_tokens / runtime_s, 2) if runtime_s else None,
+            "train_runtime_s": round(runtime_s, 2),
+            "wall_time_s": round(time.monotonic() - started, 2),
+            "peak_memory_bytes": peak_memory_bytes(runtime.device),
+            "device": runtime.device,
+            "precision": runtime.dtype_name,
+            "resumed_from_step": resumed["step"] if resumed else None,
+            "notes": self.notes,
+        }
+        title = f"{self.task_dir.name}: {self.config.model_name}"
+        plot = plot_loss(train, evals, self.task_dir / LOSS_PLOT, title)
+        changes: dict[str, Any] = {
+            "status": status,
+            "training": self._config_used().to_dict(),
+            "metrics": metrics,
+        }
+        if status == "trained":
+            changes["adapter_path"] = ADAPTER_DIR
+        if self.data is not None and hasattr(self.data, "stats"):
+            changes["data_stats"] = self.data.stats.to_dict()
+            changes["num_samples"] = len(self.data.train)
+        self._update_meta(**changes)
+        logger.info("Loss curve: %s", plot)
+        return metrics
+
+    def _config_used(self) -> TrainingConfig:
+        """The config with what was resolved at run time: LoRA targets, precision, optimizer."""
+        runtime = self._runtime()
+        changes: dict[str, Any] = {
+            "optim": runtime.optim,
+            "fp16": runtime.fp16,
+            "bf16": runtime.bf16,
+            "output_dir": str(self.task_dir),
+        }
+        if self.target_modules:
+            changes["lora"] = {"target_modules": list(self.target_modules)}
+        return self.config.replace(**changes)
+
+    def _update_meta(self, **changes: Any) -> None:
+        """Change the task's meta, creating one for a run started from a bare config."""
+        if meta_path(self.task_dir).exists():
+            meta = load_meta(self.task_dir)
+        else:
+            meta = TaskMeta(
+                model=self.config.model_name,
+                dataset=self.config.data_path,
+                output_dir=".",
+                preset=self.config.preset,
+            )
+        for key, value in changes.items():
+            setattr(meta, key, value)
+        meta.model = self.config.model_name
+        meta.preset = self.config.preset
+        save_meta(self.task_dir, meta)
+
+    def _interrupted_message(self, saved: Any) -> str:
+        checkpoint = latest_checkpoint(self.checkpoints_dir)
+        where = (
+            f"checkpoint saved at step {saved.global_step} of {saved.max_steps}"
+            if saved is not None
+            else f"last checkpoint: {checkpoint.name}"
+            if checkpoint
+            else "no checkpoint yet"
+        )
+        return (
+            f"Training of {self.task_dir} interrupted ({where}): continue with "
+            f"`sage finetune run {self.task_dir} --resume`."
+        )
+
+    def _out_of_memory_message(self) -> str:
+        from .memory import estimate_memory
+
+        config = self.config
+        device = self.runtime.device if self.runtime else "the device"
+        try:
+            estimate = f"estimated peak {estimate_memory(config)}"
+        except FinetuneError as exc:  # the estimate needs the model's config
+            estimate = f"no estimate: {exc}"
+        advice = [f"per_device_train_batch_size (now {config.per_device_train_batch_size})"]
+        advice.append(f"max_length (now {config.max_length})")
+        if not config.gradient_checkpointing:
+            advice.append("enable gradient_checkpointing")
+        if not config.load_in_4bit:
+            advice.append("load the model in 4-bit (--4bit)")
+        return (
+            f"Out of memory on {device} training {config.model_name} with preset "
+            f"{config.preset or 'custom'} ({estimate}). Lower {', '.join(advice)}; "
+            "raise gradient_accumulation_steps to keep the effective batch size."
+        )
+
+
+# --- training a task from its meta -----------------------------------------------------------
+
+
+def task_config(
+    task_dir: str | os.PathLike[str],
+    *,
+    preset: str | None = None,
+    resume: bool = False,
+    **overrides: Any,
+) -> TrainingConfig:
+    """The config to train a task with: the recorded hyperparameters, then ``preset`` (which
+    replaces everything but the model and the data), then ``overrides``.
+
+    Recorded means, in order: the config of the interrupted run when resuming (meta
+    ``training``), the task's config file (meta ``config``), meta ``training``, or for metas of
+    the original tool the defaults with the meta's ``model`` and ``dataset``.
+    """
+    task_dir = Path(task_dir)
+    meta = load_meta(task_dir)
+    config = _recorded_config(task_dir, meta, resume)
+    if preset is not None:
+        config = apply_preset(config, preset)
+    if overrides:
+        config = config.replace(**overrides)
+    return config.replace(
+        output_dir=str(task_dir),
+        data_path=_task_path(task_dir, config.data_path or meta.dataset),
+        eval_data_path=_task_path(task_dir, config.eval_data_path),
+    )
+
+
+def apply_preset(config: TrainingConfig, name: str) -> TrainingConfig:
+    """The preset's hyperparameters with ``config``'s model and data (``auto``: the largest
+    preset that fits this machine)."""
+    if name == "auto":
+        from .memory import choose_preset
+
+        name, _ = choose_preset(config.model_name)
+    preset = PresetConfigs.get(name)
+    return preset.replace(**{key: getattr(config, key) for key in TASK_FIELDS})
+
+
+def train_from_meta(
+    task_dir: str | os.PathLike[str],
+    *,
+    preset: str | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Any] | None = None,
+    **overrides: Any,
+) -> TrainResult:
+    """Train a task with the hyperparameters recorded in its meta (see ``task_config``),
+    ``overrides`` applied; the config used is written back to the meta."""
+    config = task_config(task_dir, preset=preset, resume=resume, **overrides)
+    return LoRATrainer(config, task_dir=task_dir, callbacks=callbacks).train(
+        resume_from_checkpoint=resume
+    )
+
+
+def _recorded_config(task_dir: Path, meta: TaskMeta, resume: bool) -> TrainingConfig:
+    if resume and meta.training and meta.status != "prepared":
+        return TrainingConfig.from_dict(meta.training)
+    config_file = meta.path(task_dir, meta.config)
+    if config_file is not None and config_file.is_file():
+        return TrainingConfig.load(config_file)
+    if meta.training:
+        return TrainingConfig.from_dict(meta.training)
+    defaults = TrainingConfig()
+    return defaults.replace(model_name=meta.model or defaults.model_name, data_path=meta.dataset)
+
+
+def _task_path(task_dir: Path, value: str | None) -> str | None:
+    """A data path from the meta or config: relative ones are looked up in the task dir first."""
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_absolute() and (task_dir / path).exists():
+        return str(task_dir / path)
+    return str(path)
+
+
+# --- small helpers ---------------------------------------------------------------------------
+
+
+def _compatible_arguments(arguments_class: type, **values: Any) -> dict[str, Any]:
+    """Map our argument names to those of the installed transformers (names moved in 5.x)."""
+    fields = {f.name for f in dataclasses.fields(arguments_class)}
+    if "warmup_ratio" not in fields:  # 5.x: warmup_steps < 1 is a ratio
+        values["warmup_steps"] = values.pop("warmup_ratio")
+    if "group_by_length" not in fields:
+        grouped = values.pop("group_by_length")
+        values["train_sampling_strategy"] = "group_by_length" if grouped else "random"
+    if "activation_checkpointing" in fields:
+        values["activation_checkpointing"] = values.pop("gradient_checkpointing")
+        values["activation_checkpointing_kwargs"] = values.pop("gradient_checkpointing_kwargs")
+    return {key: value for key, value in values.items() if key in fields}
+
+
+def _device_map(device: str) -> Any:
+    if device == "cuda":
+        import torch
+
+        return {"": torch.cuda.current_device()}
+    return {"": device}
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    try:
+        import torch
+    except ImportError:
+        return False
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _resume_point(checkpoint: Path | None) -> dict[str, int] | None:
+    """Step and tokens already trained at ``checkpoint`` (None for a fresh run)."""
+    if checkpoint is None:
+        return None
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    return {
+        "step": int(state.get("global_step") or 0),
+        "tokens": int(state.get("num_input_tokens_seen") or 0),
+    }
+
+
+# --- python -m sage_finetune_plugin.trainer ----------------------------------------------------
+
+
+def enable_console_logging(level: int = logging.INFO) -> None:
+    """Show this package's log records (model, LoRA targets, notes) on stderr."""
+    package = logging.getLogger(__package__)
+    if not any(getattr(h, "_sage_console", False) for h in package.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._sage_console = True  # type: ignore[attr-defined]
+        package.addHandler(handler)
+    package.setLevel(level)
+    # bitsandbytes warns at import that an optional CPU kernel package is missing.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def summary_lines(result: TrainResult, task_ref: str) -> list[str]:
+    """What a finished run reports: steps, loss, speed, time, adapter and what to do next."""
+    m = result.metrics
+    loss = "-" if m.get("train_loss") is None else f"{m['train_loss']:.4f}"
+    return [
+        f"Trained {m.get('global_step')} steps ({m.get('epochs')} epochs) in "
+        f"{m.get('wall_time_s', 0):.0f} s: final loss {loss}, "
+        f"{m.get('tokens_per_second') or 0:.0f} tokens/s.",
+        f"Adapter: {result.adapter_path}",
+        f"Next: sage finetune chat {task_ref}    |    sage finetune merge {task_ref}",
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sage_finetune_plugin.trainer TASK_DIR [--resume]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sage_finetune_plugin.trainer",
+        description="Train a task from its finetune_meta.json.",
+    )
+    parser.add_argument("task_dir", help="task directory (holds finetune_meta.json)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    args = parser.parse_args(argv)
+    enable_console_logging()
+    try:
+        result = train_from_meta(args.task_dir, resume=args.resume)
+    except FinetuneError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print("\n".join(summary_lines(result, args.task_dir)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Memory estimates checked against real models: parameter counts, bitsandbytes storage,
+tensors saved for backward, and the peak RSS of real training runs in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sage_finetune_plugin.config import SMALL_MODEL, LoRAConfig, PresetConfigs, TrainingConfig
+from sage_finetune_plugin.memory import (
+    GIB,
+    GPU_PRESETS,
+    choose_preset,
+    estimate_memory,
+    fits,
+)
+
+#: Largest accepted relative error of the estimated peak RSS against the measured one.
+RSS_TOLERANCE = 0.25
+
+#: Run in a fresh interpreter: train, then report the RSS at start-up and the peak RSS (in
+#: KiB, from /proc: ru_maxrss would include the parent's peak, inherited across fork).
+TRAIN_AND_MEASURE = """
+import json, sys
+def status(key):
+    with open("/proc/self/status") as lines:
+        return next(int(line.split()[1]) for line in lines if line.startswith(key + ":"))
+start = status("VmRSS")
+from sage_finetune_plugin.config import TrainingConfig
+from sage_finetune_plugin.trainer import LoRATrainer
+LoRATrainer(TrainingConfig.from_dict(json.loads(sys.argv[1]))).train()
+print(json.dumps({"start": start, "peak": status("VmHWM")}))
+"""
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads peak RSS from /proc"
+)
+
+
+def tiny_config(model: Path, **changes) -> TrainingConfig:
+    return TrainingConfig(model_name=str(model), **changes)
+
+
+def test_parameters_and_lora_counts_match_the_real_model(tiny_model_dir: Path) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    for targets in ("all-linear", ["q_proj", "v_proj"], r".*mlp\.(up|down)_proj"):
+        lora = LoRAConfig(r=4, lora_alpha=8, target_modules=targets)
+        estimate = estimate_memory(tiny_config(tiny_model_dir, lora=lora), device="cpu")
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+        trainable, total = peft_model.get_nb_trainable_parameters()
+        assert estimate.trainable_parameters == trainable, targets
+        assert estimate.parameters == total - trainable
+        assert estimate.lora_weights == estimate.gradients == 4 * trainable
+        assert estimate.optimizer_states == 8 * trainable  # AdamW: two fp32 states
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_weights_match_bitsandbytes_storage(tiny_model_dir: Path, bits: int) -> None:
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = (
+        BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        if bits == 4
+        else BitsAndBytesConfig(load_in_8bit=True)
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, quantization_config=quantization
+    )
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    stored = {}
+    for tensor in [*model.parameters(), *model.buffers(), *_quantization_tensors(model)]:
+        stored[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    config = tiny_config(tiny_model_dir, load_in_4bit=bits == 4, load_in_8bit=bits == 8)
+    # On a GPU nothing else is resident (on the CPU the mapped checkpoint adds to it).
+    estimate = estimate_memory(config, device="cuda")
+    assert estimate.weights == pytest.approx(sum(stored.values()), rel=0.01)
+    assert estimate.quantization.startswith(f"{bits}-bit")
+
+
+@pytest.mark.parametrize(
+    ("dropout", "targets", "batch", "length"),
+    [(0.05, "all-linear", 2, 32), (0.0, ["q_proj", "v_proj"], 4, 64), (0.1, "all-linear", 1, 64)],
+)
+def test_activations_match_tensors_saved_for_backward(
+    tiny_model_dir: Path, dropout: float, targets, batch: int, length: int
+) -> None:
+    """The activation term against what autograd really keeps (padded batches included);
+    the estimate may only be above it, by what the first layer does not save."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    lora = LoRAConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets)
+    config = tiny_config(
+        tiny_model_dir,
+        max_length=length,
+        per_device_train_batch_size=batch,
+        gradient_checkpointing=False,
+        lora=lora,
+    )
+    estimate = estimate_memory(config, device="cpu")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets)
+    )
+    model.train()
+    ids = torch.randint(5, model.config.vocab_size, (batch, length))
+    mask = torch.ones_like(ids)
+    if batch > 1:  # a padded batch: sdpa gets a mask
+        mask[0, -5:] = 0
+    saved = _saved_for_backward(model, ids, mask, exclude_last_dim=model.config.vocab_size)
+    assert 1.0 <= estimate.activations / saved <= 1.15
+
+
+def test_estimate_follows_the_settings() -> None:
+    from sage_finetune_plugin.models import model_config
+
+    base = PresetConfigs.cpu().replace(max_length=128, per_device_train_batch_size=2)
+    smollm2 = model_config(base.model_name)  # 30 layers
+
+    def estimate(config: TrainingConfig, device: str = "cpu", **kwargs):
+        return estimate_memory(config, model_config=smollm2, device=device, **kwargs)
+
+    plain = estimate(base)
+    checkpointed = estimate(base.replace(gradient_checkpointing=True))
+    double = estimate(base.replace(per_device_train_batch_size=4))
+    shorter = estimate(base, seq_len=64)
+    four_bit = estimate(base.replace(load_in_4bit=True), "cuda")
+    assert checkpointed.activations < plain.activations / 10  # 30 layers: inputs + one layer
+    assert double.logits == 2 * plain.logits
+    assert double.activations > 1.9 * plain.activations
+    assert shorter.seq_len == 64 and shorter.logits == plain.logits / 2
+    assert four_bit.weights < estimate(base, "cuda").weights / 2
+    assert plain.total == sum(plain.to_dict()[name] for name in plain.COMPONENTS)
+    assert plain.to_dict()["total"] == plain.total
+    lines = plain.summary()
+    assert "batch 2 x 128 tokens" in lines[0] and "total (peak)" in lines[-1]
+    assert "GiB" in str(plain) and "cpu" in str(plain)
+
+
+@pytest.mark.parametrize("gib", [4, 8, 12, 24, 80, 200])
+def test_choose_preset_takes_the_largest_preset_that_fits(gib: int) -> None:
+    memory = gib * GIB
+    name, estimate = choose_preset(device_memory=memory)
+    ahead = GPU_PRESETS[: GPU_PRESETS.index(name)]
+    for larger in ahead:
+        assert not fits(estimate_memory(PresetConfigs.get(larger), device="cuda"), memory)
+    assert estimate.device == "cuda"
+    assert fits(estimate, memory) or name == GPU_PRESETS[-1]
+
+
+def test_choose_preset_uses_the_given_model_and_cpu_without_gpu(tiny_model_dir: Path) -> None:
+    import torch
+
+    name, estimate = choose_preset(str(tiny_model_dir), device_memory=8 * GIB)
+    assert estimate.model_name == str(tiny_model_dir)
+    assert name == GPU_PRESETS[0]  # a tiny model fits any preset
+    if not torch.cuda.is_available():
+        name, estimate = choose_preset()
+        assert (name, estimate.device) == ("cpu", "cpu")
+
+
+@linux_only
+def test_estimate_matches_peak_rss_of_tiny_training(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(
+        tiny_model_dir,
+        max_length=128,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        max_steps=3,
+    )
+    _assert_estimate_matches_training(config, tmp_path)
+
+
+@linux_only
+@pytest.mark.slow
+def test_estimate_matches_peak_rss_of_smollm2_cpu_preset(tmp_path: Path) -> None:
+    """The cpu preset on the embedded SmolLM2-135M for two steps (about a minute)."""
+    from sage_finetune_plugin.models import resolve_model
+
+    resolve_model(SMALL_MODEL)  # convert outside the measured process
+    config = PresetConfigs.cpu().replace(max_steps=2)
+    _assert_estimate_matches_training(config, tmp_path)
+
+
+def _assert_estimate_matches_training(config: TrainingConfig, tmp_path: Path) -> None:
+    """Train in a fresh interpreter on samples that all fill max_length; compare its peak
+    RSS (minus the bare interpreter's) with the estimate."""
+    data = tmp_path / "data.jsonl"
+    with data.open("w", encoding="utf-8") as out:
+        for i in range(32):
+            numbers = " ".join(str(n) for n in range(i, i + 2 * config.max_length))
+            record = {"instruction": f"Count upwards from {i}.", "output": numbers}
+            out.write(json.dumps(record) + "\n")
+    config = config.replace(
+        data_path=str(data), output_dir=str(tmp_path / "task"), report_to="none", save_steps=1000
+    )
+    estimate = estimate_memory(config, device="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-c", TRAIN_AND_MEASURE, json.dumps(config.to_dict())],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rss = json.loads(proc.stdout.strip().splitlines()[-1])
+    measured = (rss["peak"] - rss["start"]) * 1024
+    error = estimate.total / measured - 1
+    assert abs(error) <= RSS_TOLERANCE, (
+        f"estimate {estimate.total / GIB:.2f} GiB vs measured {measured / GIB:.2f} GiB "
+        f"({error:+.0%})\n" + "\n".join(estimate.summary())
+    )
+
+
+def _saved_for_backward(model, ids, mask, *, exclude_last_dim: int) -> int:
+    """Bytes of distinct tensors autograd saves in a forward pass (weights and the
+    vocabulary-sized logits excluded)."""
+    import torch
+
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        key = tensor.untyped_storage().data_ptr()
+        if key not in weights and (tensor.dim() == 0 or tensor.shape[-1] != exclude_last_dim):
+            saved[key] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=ids, attention_mask=mask, labels=ids)
+    return sum(saved.values())
+
+
+def _quantization_tensors(model):
+    """bitsandbytes' per-block constants and per-row scales (kept outside parameters)."""
+    import torch
+
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        candidates = [getattr(weight, "SCB", None)]
+        if state is not None:
+            candidates += [state.absmax, getattr(state, "offset", None)]
+            if state.state2 is not None:
+                candidates.append(state.state2.absmax)
+        yield from (t for t in candidates if isinstance(t, torch.Tensor))
