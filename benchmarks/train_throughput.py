@@ -6,6 +6,9 @@ on q/k/v/o with dropout 0.05, lr 2e-4 cosine, fp32, one torch thread) are traine
 
   ours      sage_finetune_plugin.trainer.LoRATrainer (chat template, prompt masking,
             dynamic padding, length-grouped batches)
+  ours_random  the same in random order, like the peers: length grouping starts with the
+            longest samples, so over a few steps it trains on other samples than the peers;
+            this row compares like with like (same seed, same samples as trl and original)
   trl       trl.SFTTrainer with a peft LoraConfig (prompt-completion data, completion-only loss)
   original  the original SAGE design: transformers.Trainer, every sample padded to
             max_length, loss on every token, DataCollatorForLanguageModeling
@@ -23,6 +26,7 @@ Needs ``pip install trl`` for the TRL column (skipped with a note when missing).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -33,8 +37,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-RUNNERS = ("ours", "trl", "original")
+RUNNERS = ("ours", "ours_random", "trl", "original")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+#: TrainingArguments that turn length grouping off (before and after transformers 5).
+RANDOM_ORDER = {"group_by_length": False, "train_sampling_strategy": "random"}
 ORIGINAL_TEMPLATE = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}"
 )
@@ -160,7 +166,7 @@ def lora_config() -> Any:
 # --- the three runners (each returns its transformers Trainer after training) ---------------
 
 
-def run_ours(args: argparse.Namespace, workdir: Path, meter: Any) -> Any:
+def run_ours(args: argparse.Namespace, workdir: Path, meter: Any, *, grouped: bool = True) -> Any:
     from sage_finetune_plugin.config import LoRAConfig, TrainingConfig
     from sage_finetune_plugin.trainer import LoRATrainer
 
@@ -169,6 +175,14 @@ def run_ours(args: argparse.Namespace, workdir: Path, meter: Any) -> Any:
             trainer = super().build_trainer(model, data)
             trainer.data_collator = CountingCollator(trainer.data_collator)
             return trainer
+
+        def training_arguments(self, data):
+            arguments = super().training_arguments(data)
+            if not grouped:  # transformers 5 renamed group_by_length
+                for name, value in RANDOM_ORDER.items():
+                    if hasattr(arguments, name):
+                        setattr(arguments, name, value)
+            return arguments
 
     config = TrainingConfig(
         model_name=args.model,
@@ -285,7 +299,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     meter = meter_callback()
-    run = {"ours": run_ours, "trl": run_trl, "original": run_original}[args.worker]
+    run = {
+        "ours": run_ours,
+        "ours_random": functools.partial(run_ours, grouped=False),
+        "trl": run_trl,
+        "original": run_original,
+    }[args.worker]
     with tempfile.TemporaryDirectory(prefix=f"bench-{args.worker}-") as workdir:
         trainer = run(args, Path(workdir), meter)
     # The data loader may build one batch ahead of the last step: count the trained ones.
@@ -350,18 +369,18 @@ def table(results: list[dict[str, Any]]) -> list[str]:
     """The side-by-side table (speed relative to TRL when TRL ran)."""
     trl = next((r for r in results if r.get("runner") == "trl" and "error" not in r), None)
     lines = [
-        f"{'runner':<10} {'tokens/s':>9} {'vs TRL':>7} {'padding':>8} {'final loss':>11} "
-        f"{'peak RSS':>9} {'train s':>8} {'tokens':>8}"
+        f"{'runner':<12} {'tokens/s':>9} {'vs TRL':>7} {'padding':>8} {'final loss':>11} "
+        f"{'peak RSS':>10} {'train s':>8} {'tokens':>8}"
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"{r['runner']:<10} failed: {r['error']}")
+            lines.append(f"{r['runner']:<12} failed: {r['error']}")
             continue
         ratio = f"{r['tokens_per_second'] / trl['tokens_per_second']:.2f}x" if trl else "-"
         loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
         lines.append(
-            f"{r['runner']:<10} {r['tokens_per_second']:>9.1f} {ratio:>7} "
-            f"{r['padding_share']:>8.1%} {loss:>11} {r['peak_rss_bytes'] / 2**30:>7.2f} G "
+            f"{r['runner']:<12} {r['tokens_per_second']:>9.1f} {ratio:>7} "
+            f"{r['padding_share']:>8.1%} {loss:>11} {r['peak_rss_bytes'] / 2**30:>6.2f} GiB "
             f"{r['seconds']:>8.1f} {r['tokens']:>8}"
         )
     return lines

@@ -36,6 +36,8 @@ class ProgressCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         from tqdm.auto import tqdm
 
+        if not state.is_world_process_zero:  # one bar per run, not one per process
+            return
         self.bar = tqdm(
             total=state.max_steps,
             initial=state.global_step,
@@ -113,7 +115,42 @@ class StopOnSignal(TrainerCallback):
                 signal.signal(sig, handler)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self.requested = _on_any_rank(self.requested, args)
         if self.requested:
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+class RankLogCallback(TrainerCallback):
+    """In a multi-process run, a line from every rank at each logging step and at the end, so
+    each rank's log shows its share of the work."""
+
+    def _say(self, args: Any, text: str) -> None:
+        print(f"[rank {args.process_index}/{args.world_size}] {text}", file=sys.stderr, flush=True)
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        if logs and "loss" in logs:
+            self._say(args, f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._say(
+            args,
+            f"finished at step {state.global_step}/{state.max_steps}, "
+            f"{state.num_input_tokens_seen} tokens trained by all ranks",
+        )
+
+
+def _on_any_rank(flag: bool, args: Any) -> bool:
+    """``flag`` or'ed over all processes, so that every rank stops at the same step (a rank
+    that stopped alone would leave the others waiting in the next gradient all-reduce)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=args.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

@@ -387,16 +387,8 @@ def quickstart_command(
     )
     _print_quickstart(result)
     if run_after:
-        from .trainer import train_from_meta
-
         _status(f"Training {result.task_dir} ...")
-        trained = train_from_meta(result.task_dir)
-        loss = trained.train_loss
-        click.echo(
-            f"Trained {trained.global_step} steps"
-            + (f", final loss {loss:.4f}" if loss is not None else "")
-            + f"; adapter in {trained.adapter_path}"
-        )
+        click.get_current_context().invoke(run_command, task=str(result.task_dir), root=root)
     else:
         click.echo(f"Next: sage finetune run {result.task_dir}")
 
@@ -489,6 +481,28 @@ def _print_quickstart(result: Any) -> None:
     is_flag=True,
     help="Train even when predicted not to fit in memory, or start an interrupted task over.",
 )
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Training processes on this node (one per GPU; CPU: gloo), started with torchrun.",
+)
+@click.option("--nnodes", type=click.IntRange(min=1), default=1, help="Machines in the run.")
+@click.option("--node-rank", type=click.IntRange(min=0), default=0, help="This machine's index.")
+@click.option("--master-addr", default=None, help="Address of node 0 (needed with --nnodes > 1).")
+@click.option(
+    "--master-port",
+    type=click.IntRange(min=1, max=65535),
+    default=None,
+    help="Port on node 0 [default: a free one on a single node, 29500 across nodes].",
+)
+@click.option(
+    "--accelerate-config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Start the processes with `accelerate launch` and this config file "
+    "(DeepSpeed ZeRO, FSDP), passed through unchanged.",
+)
 @root_option
 def run_command(
     task: str,
@@ -507,17 +521,35 @@ def run_command(
     resume: bool,
     dry_run: bool,
     force: bool,
+    nproc: int | None,
+    nnodes: int,
+    node_rank: int,
+    master_addr: str | None,
+    master_port: int | None,
+    accelerate_config: Path | None,
     root: Path | None,
 ) -> None:
-    """Train a LoRA adapter for TASK (a task name or directory) from its meta file."""
+    """Train a LoRA adapter for TASK (a task name or directory) from its meta file.
+
+    With --nproc N (and --nnodes, --accelerate-config) the run is data-parallel over N
+    processes per node; rank 0 writes the meta, checkpoints and the adapter, and each rank
+    logs to TASK/logs/rank-<r>.log.
+    """
     if four_bit + eight_bit + no_quant > 1:
         raise UsageProblem("Choose one of --4bit, --8bit and --no-quant.")
+    from .launch import LaunchOptions
+
+    launch_options = LaunchOptions(
+        nproc, nnodes, node_rank, master_addr, master_port, accelerate_config
+    )
+    launch_options.validate()
     from .deps import require
 
     require()
     from .paths import resolve_task
-    from .trainer import task_config
+    from .trainer import enable_console_logging, task_config
 
+    enable_console_logging()  # before bitsandbytes is first imported: it warns at import
     task_dir = resolve_task(task, root)
     config = task_config(task_dir, preset=preset, resume=resume)
     changes: dict[str, Any] = {
@@ -548,12 +580,23 @@ def run_command(
         raise UsageProblem(str(exc)) from None
     if dry_run:
         _dry_run(task_dir, config)
+        if launch_options.distributed:
+            _print_launch(task_dir, launch_options, resume=resume)
         return
-    _check_can_train(task_dir, config, resume=resume, force=force)
-    from .trainer import LoRATrainer, enable_console_logging, summary_lines
+    _check_can_train(
+        task_dir, config, resume=resume, force=force, lock=launch_options.node_rank == 0
+    )
+    from .trainer import LoRATrainer, summary_lines
 
-    enable_console_logging()
-    result = LoRATrainer(config, task_dir=task_dir).train(resume_from_checkpoint=resume)
+    if launch_options.distributed:
+        from .launch import launch
+
+        result = launch(task_dir, config, launch_options, resume=resume)
+        if result is None:
+            click.echo(f"Node {node_rank} finished; node 0 wrote the meta and the adapter.")
+            return
+    else:
+        result = LoRATrainer(config, task_dir=task_dir).train(resume_from_checkpoint=resume)
     for line in summary_lines(result, task):
         click.echo(line)
 
@@ -590,6 +633,16 @@ def _dry_run(task_dir: Path, config: Any) -> None:
     click.echo("Dry run: nothing trained, nothing written.")
 
 
+def _print_launch(task_dir: Path, options: Any, *, resume: bool) -> None:
+    """The command a distributed run would start on this node."""
+    import shlex
+
+    from .launch import launch_command, launch_config_path
+
+    command = launch_command(task_dir, options, launch_config_path(task_dir), resume=resume)
+    click.echo(f"Launch: {shlex.join(command)}")
+
+
 def _flatten(values: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     rows: list[tuple[str, Any]] = []
     for key, value in values.items():
@@ -612,15 +665,19 @@ def _memory_verdict(estimate: Any) -> tuple[bool, str]:
     )
 
 
-def _check_can_train(task_dir: Path, config: Any, *, resume: bool, force: bool) -> None:
-    """Refuse a run that another process holds, that would not fit, or that would silently
-    start an interrupted task over."""
+def _check_can_train(
+    task_dir: Path, config: Any, *, resume: bool, force: bool, lock: bool = True
+) -> None:
+    """Refuse a run that another process holds (``lock``: not checked on the other nodes of a
+    multi-node run, where node 0 holds it), that would not fit, or that would silently start
+    an interrupted task over."""
     from .locks import RunLock
     from .meta import load_meta
     from .trainer import CHECKPOINTS_DIR
     from .training_utils import latest_checkpoint
 
-    RunLock(task_dir).check()
+    if lock:
+        RunLock(task_dir).check()
     if force:
         return
     from .memory import estimate_memory

@@ -260,8 +260,8 @@ class PresetConfigs:
     INFO: typing.ClassVar[dict[str, PresetInfo]] = {
         "minimal": PresetInfo("minimal", "GPU < 8 GB", "~6 GB", "4-bit QLoRA, short samples"),
         "rtx_3060": PresetInfo("rtx_3060", "12 GB GPU", "~10 GB", "8-bit LoRA, 1.5B coder"),
-        "rtx_4090": PresetInfo("rtx_4090", "24 GB GPU", "~20 GB", "LoRA in 16-bit, batch 4"),
-        "a100": PresetInfo("a100", "40 GB+ GPU", "~35 GB", "bf16 LoRA, batch 8, 4k context"),
+        "rtx_4090": PresetInfo("rtx_4090", "24 GB GPU", "~21 GB", "7B LoRA in 16-bit, 2k context"),
+        "a100": PresetInfo("a100", "40 GB+ GPU", "~26 GB", "7B bf16 LoRA, 4k context"),
         "cpu": PresetInfo("cpu", "CPU only", "~3 GB RAM", "fp32 LoRA on the 135M model"),
     }
 
@@ -299,48 +299,62 @@ class PresetConfigs:
 
     @staticmethod
     def rtx_4090() -> TrainingConfig:
-        """24 GB cards: no quantization, batch 4 x 4."""
+        """24 GB cards: the 7B model unquantized in 16-bit, 2k context, effective batch 16.
+
+        The original tool's batch 4 x 4 without gradient checkpointing is predicted to need
+        about 100 GiB for a 7B model (estimate_memory); batch 1 x 16 with checkpointing keeps
+        the effective batch and fits in about 21 GiB."""
         return TrainingConfig(
             preset="rtx_4090",
             model_name=LARGE_MODEL,
             max_length=2048,
-            per_device_train_batch_size=4,
-            gradient_accumulation_steps=4,
-            gradient_checkpointing=False,
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=16,
+            gradient_checkpointing=True,
             optim="adamw_torch",
             lora=LoRAConfig(r=8, lora_alpha=16),
         )
 
     @staticmethod
     def a100() -> TrainingConfig:
-        """40 GB and larger cards: bf16, batch 8 x 2, 4k context."""
+        """40 GB and larger cards: bf16, 4k context, effective batch 16.
+
+        As for rtx_4090, the original batch 8 x 2 without checkpointing does not fit a 7B
+        model (about 370 GiB predicted); batch 1 x 16 with checkpointing needs about 26 GiB."""
         return TrainingConfig(
             preset="a100",
             model_name=LARGE_MODEL,
             bf16=True,
             fp16=False,
             max_length=4096,
-            per_device_train_batch_size=8,
-            gradient_accumulation_steps=2,
-            gradient_checkpointing=False,
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=16,
+            gradient_checkpointing=True,
             optim="adamw_torch",
             lora=LoRAConfig(r=8, lora_alpha=16),
         )
 
     @staticmethod
     def cpu() -> TrainingConfig:
-        """No GPU: fp32, no quantization, the 135M model, short samples and a short run."""
+        """No GPU: fp32, no quantization, the 135M model, short samples and a short run.
+
+        Packed batches (no padding, random order, so the logged loss is not shaped by
+        length-sorted batches), a high LoRA learning rate, and 5% of the data held out and
+        evaluated before, during and after training: the evaluation loss shows what the run
+        gained, and the whole run stays under 10 minutes on two cores."""
         return TrainingConfig(
             preset="cpu",
             model_name=SMALL_MODEL,
             fp16=False,
             bf16=False,
             max_length=256,
+            packing=True,
+            eval_ratio=0.05,
             num_train_epochs=1,
-            max_steps=60,
+            max_steps=40,
             per_device_train_batch_size=4,
             gradient_accumulation_steps=1,
-            learning_rate=2e-4,
+            learning_rate=5e-4,
             warmup_ratio=0.05,
             gradient_checkpointing=False,
             optim="adamw_torch",

@@ -1134,10 +1134,9 @@ def _split(
         return tokenized, None
     held_out = max(1, round(len(tokenized) * options.eval_ratio))
     if held_out >= len(tokenized):
-        raise DataError(
-            f"eval_ratio={options.eval_ratio} leaves no training samples out of "
-            f"{len(tokenized)}; lower it or add data."
-        )
+        # Too little data to hold any out (a preset's eval_ratio on a handful of records):
+        # train on everything; stats.eval_samples == 0 tells the user there was no eval.
+        return tokenized, None
     parts = tokenized.train_test_split(test_size=held_out, seed=options.seed, shuffle=True)
     return parts["train"], parts["test"]
 

@@ -65,6 +65,11 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def fsdp_enabled() -> bool:
+    """Whether ``accelerate launch`` started this process with an FSDP config."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
 def launched() -> bool:
     """Whether this process was started by ``launch`` (which holds the run lock)."""
     return os.environ.get(LAUNCHED_ENV) == "1"
@@ -286,9 +291,7 @@ def launch(
     return _result(task_dir) if holds_rank0 else None
 
 
-def write_launch_config(
-    task_dir: Path, config: TrainingConfig, options: LaunchOptions
-) -> Path:
+def write_launch_config(task_dir: Path, config: TrainingConfig, options: LaunchOptions) -> Path:
     """Write the config every worker trains with; CPU threads are shared among this node's
     processes (``num_threads`` is per process)."""
     import torch

@@ -82,6 +82,7 @@ class TaskMeta:
     updated_at: str = field(default_factory=now_iso)
     status: str = "prepared"
     preset: str | None = None
+    #: Prepared samples, training and evaluation together.
     num_samples: int | None = None
     data_stats: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)

@@ -463,7 +463,7 @@ def _write_meta(
     code: CodeDataset | None,
 ) -> TaskMeta:
     if stats is not None:
-        data_stats, samples = stats.to_dict(), stats.samples
+        data_stats, samples = stats.to_dict(), stats.samples + stats.eval_samples
     else:
         data_stats = {
             "records_read": loaded.records_read,

@@ -17,6 +17,7 @@ raised as FinetuneError subclasses.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .callbacks import ProgressCallback, StopOnSignal
+from .callbacks import ProgressCallback, RankLogCallback, StopOnSignal
 from .config import PresetConfigs, TrainingConfig
 from .errors import (
     ConfigError,
@@ -41,6 +42,7 @@ from .errors import (
     TrainingError,
     TrainingInterrupted,
 )
+from .launch import fsdp_enabled, is_main_process, launched, worker_output, world_size
 from .locks import RunLock
 from .meta import TaskMeta, load_meta, meta_path, save_meta
 from .training_utils import (
@@ -145,8 +147,8 @@ class LoRATrainer:
         complete checkpoint of the task (from scratch when there is none)."""
         started = time.monotonic()
         self.task_dir.mkdir(parents=True, exist_ok=True)
-        with RunLock(self.task_dir) as lock:
-            if lock.took_over is not None:
+        with self._run_lock() as lock:
+            if lock is not None and lock.took_over is not None:
                 self._note(f"took over the stale lock of dead process {lock.took_over.get('pid')}")
             self._update_meta(status="training", training=self.config.to_dict())
             try:
@@ -187,8 +189,7 @@ class LoRATrainer:
         if self._stop.requested:
             self._record(started, resumed, status="interrupted")
             raise TrainingInterrupted(self._interrupted_message(saved=self.trainer.state))
-        if getattr(self.data, "eval", None) is not None:
-            self.trainer.evaluate()
+        self._evaluate_final()
         adapter = self.save(self.trainer)
         metrics = self._record(started, resumed, status="trained", output=output)
         return TrainResult(
@@ -227,7 +228,8 @@ class LoRATrainer:
 
             require("bitsandbytes")
             kwargs["quantization_config"] = quantization
-            kwargs["device_map"] = _device_map(runtime.device)
+            if not fsdp_enabled():  # FSDP places the shards itself
+                kwargs["device_map"] = _device_map(runtime.device)
         path = self.model_path or self.config.model_name
         try:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -235,7 +237,8 @@ class LoRATrainer:
             name = self.config.model_name
             raise ModelError(f"Cannot load model {name} from {path}: {exc}") from None
         model.config.use_cache = False  # the KV cache is useless in training
-        if quantization is not None:
+        # Its fp32 upcast of the norms would break FSDP's one-dtype flat parameters.
+        if quantization is not None and not fsdp_enabled():
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(
@@ -259,7 +262,7 @@ class LoRATrainer:
         from peft import LoraConfig, get_peft_model
 
         lora = self.config.lora
-        if self.config.gradient_checkpointing and not self.quantized:
+        if self.config.gradient_checkpointing and (not self.quantized or fsdp_enabled()):
             model.enable_input_require_grads()
         peft_config = LoraConfig(
             r=lora.r,
@@ -320,6 +323,8 @@ class LoRATrainer:
         trainer.remove_callback(PrinterCallback)
         for callback in (ProgressCallback(), self._stop, *self._tensorboard(), *self.callbacks):
             trainer.add_callback(callback)
+        if world_size() > 1:
+            trainer.add_callback(RankLogCallback())
         return trainer
 
     def training_arguments(self, data: PreparedDataset) -> Any:
@@ -359,12 +364,14 @@ class LoRATrainer:
             save_safetensors=True,
             eval_strategy="steps" if has_eval else "no",
             eval_steps=config.save_steps if has_eval else None,
+            eval_on_start=has_eval,  # the base model's loss: what fine-tuning gained
             report_to="none",
             seed=config.seed,
             dataloader_num_workers=config.dataloader_num_workers,
             remove_unused_columns=False,
             # A packed batch has no padding (and no attention mask to count it from).
             include_num_input_tokens_seen="all" if packing else "non_padding",
+            **_distributed_arguments(runtime),
         )
         try:
             return TrainingArguments(**values)
@@ -374,6 +381,8 @@ class LoRATrainer:
     def save(self, trainer: Trainer) -> Path:
         """Save the adapter (safetensors) and the tokenizer to ``<task>/adapter``."""
         target = self.task_dir / ADAPTER_DIR
+        if not trainer.is_world_process_zero():
+            return target
         staging = self.task_dir / f".{ADAPTER_DIR}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
         trainer.model.save_pretrained(staging, safe_serialization=True)
@@ -385,6 +394,13 @@ class LoRATrainer:
 
     # --- helpers ----------------------------------------------------------------------------
 
+    def _run_lock(self) -> Any:
+        """The task's run lock, taken by rank 0 only, and not at all under ``launch`` (the
+        launcher holds it for all ranks)."""
+        if launched() or not is_main_process():
+            return contextlib.nullcontext()
+        return RunLock(self.task_dir)
+
     def _runtime(self) -> Runtime:
         if self.runtime is None:
             self.runtime = resolve_runtime(self.config)
@@ -393,6 +409,15 @@ class LoRATrainer:
     def _note(self, text: str) -> None:
         self.notes.append(text)
         logger.warning("Note: %s", text)
+
+    def _evaluate_final(self) -> None:
+        """Evaluate the final adapter, unless the last step was evaluated already."""
+        if getattr(self.data, "eval", None) is None:
+            return
+        state = self.trainer.state
+        last = [h for h in state.log_history if "eval_loss" in h][-1:]
+        if not last or last[0]["step"] != state.global_step:
+            self.trainer.evaluate()
 
     def _setup_process(self) -> None:
         import torch
@@ -403,7 +428,7 @@ class LoRATrainer:
         set_seed(self.config.seed)
 
     def _tensorboard(self) -> list[Any]:
-        if self.config.report_to != "tensorboard":
+        if self.config.report_to != "tensorboard" or not is_main_process():
             return []
         from .deps import require
 
@@ -431,7 +456,7 @@ class LoRATrainer:
                 )
             return checkpoint
         old = list_checkpoints(self.checkpoints_dir)
-        if old:
+        if old and is_main_process():
             self._note(f"starting over: removed {len(old)} checkpoint(s) of an earlier run")
             shutil.rmtree(self.checkpoints_dir)
         return None
@@ -467,11 +492,17 @@ class LoRATrainer:
             "peak_memory_bytes": peak_memory_bytes(runtime.device),
             "device": runtime.device,
             "precision": runtime.dtype_name,
+            "world_size": world_size(),
+            "effective_batch_size": self.config.per_device_train_batch_size
+            * self.config.gradient_accumulation_steps
+            * world_size(),
             "resumed_from_step": resumed["step"] if resumed else None,
             "notes": self.notes,
         }
         title = f"{self.task_dir.name}: {self.config.model_name}"
-        plot = plot_loss(train, evals, self.task_dir / LOSS_PLOT, title)
+        plot = None
+        if is_main_process():
+            plot = plot_loss(train, evals, self.task_dir / LOSS_PLOT, title)
         changes: dict[str, Any] = {
             "status": status,
             "training": self._config_used().to_dict(),
@@ -481,7 +512,7 @@ class LoRATrainer:
             changes["adapter_path"] = ADAPTER_DIR
         if self.data is not None and hasattr(self.data, "stats"):
             changes["data_stats"] = self.data.stats.to_dict()
-            changes["num_samples"] = len(self.data.train)
+            changes["num_samples"] = self.data.stats.samples + self.data.stats.eval_samples
         self._update_meta(**changes)
         logger.info("Loss curve: %s", plot)
         return metrics
@@ -500,7 +531,10 @@ class LoRATrainer:
         return self.config.replace(**changes)
 
     def _update_meta(self, **changes: Any) -> None:
-        """Change the task's meta, creating one for a run started from a bare config."""
+        """Change the task's meta (rank 0 only), creating one for a run started from a bare
+        config."""
+        if not is_main_process():
+            return
         if meta_path(self.task_dir).exists():
             meta = load_meta(self.task_dir)
         else:
@@ -653,8 +687,19 @@ def _device_map(device: str) -> Any:
     if device == "cuda":
         import torch
 
-        return {"": torch.cuda.current_device()}
+        return {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
     return {"": device}
+
+
+def _distributed_arguments(runtime: Runtime) -> dict[str, Any]:
+    """TrainingArguments for a multi-process run: gloo off CUDA; every LoRA weight gets a
+    gradient each step, so DDP need not search for unused parameters."""
+    if world_size() <= 1:
+        return {}
+    values: dict[str, Any] = {"ddp_find_unused_parameters": False}
+    if runtime.device != "cuda":
+        values["ddp_backend"] = "gloo"
+    return values
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -700,10 +745,14 @@ def summary_lines(result: TrainResult, task_ref: str) -> list[str]:
     """What a finished run reports: steps, loss, speed, time, adapter and what to do next."""
     m = result.metrics
     loss = "-" if m.get("train_loss") is None else f"{m['train_loss']:.4f}"
+    processes = m.get("world_size") or 1
+    batch = m.get("effective_batch_size")
+    scale = f" on {processes} processes" if processes > 1 else ""
     return [
         f"Trained {m.get('global_step')} steps ({m.get('epochs')} epochs) in "
-        f"{m.get('wall_time_s', 0):.0f} s: final loss {loss}, "
-        f"{m.get('tokens_per_second') or 0:.0f} tokens/s.",
+        f"{m.get('wall_time_s', 0):.0f} s{scale}: final loss {loss}, "
+        f"{m.get('tokens_per_second') or 0:.0f} tokens/s"
+        + (f", effective batch {batch}." if batch else "."),
         f"Adapter: {result.adapter_path}",
         f"Next: sage finetune chat {task_ref}    |    sage finetune merge {task_ref}",
     ]
@@ -717,15 +766,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("task_dir", help="task directory (holds finetune_meta.json)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="train with this resolved training config instead of the meta's (written by "
+        "`sage finetune run --nproc`, so that every rank trains the same one)",
+    )
     args = parser.parse_args(argv)
-    enable_console_logging()
     try:
-        result = train_from_meta(args.task_dir, resume=args.resume)
+        with worker_output(args.task_dir):
+            enable_console_logging()
+            result = _train_task(args.task_dir, args.config, args.resume)
+            if is_main_process() and not launched():  # else the launcher prints it
+                print("\n".join(summary_lines(result, args.task_dir)), flush=True)
     except FinetuneError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
+        if not launched():  # a launched worker's error went to its rank log and the launcher
+            print(f"Error: {exc}", file=sys.stderr)
         return exc.exit_code
-    print("\n".join(summary_lines(result, args.task_dir)))
     return 0
+
+
+def _train_task(task_dir: str, config_file: str | None, resume: bool) -> TrainResult:
+    if config_file is None:
+        return train_from_meta(task_dir, resume=resume)
+    config = TrainingConfig.load(config_file)
+    return LoRATrainer(config, task_dir=task_dir).train(resume_from_checkpoint=resume)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import TrainingConfig
 from .errors import ConfigError
+from .launch import fsdp_enabled
 
 if TYPE_CHECKING:
     import torch
@@ -142,6 +143,8 @@ def quantization_config(config: TrainingConfig, runtime: Runtime) -> BitsAndByte
         bnb_4bit_quant_type=config.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=runtime.dtype,
+        # FSDP flattens the 4-bit weights with the rest: they must be stored in that dtype.
+        bnb_4bit_quant_storage=runtime.dtype if fsdp_enabled() else None,
     )
 
 

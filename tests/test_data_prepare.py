@@ -267,9 +267,14 @@ def test_eval_data_file(chat_tokenizer, tmp_path: Path) -> None:
     assert prepared.eval.column_names == ["input_ids", "labels", "length"]
 
 
-def test_eval_ratio_too_large_for_the_data(chat_tokenizer, tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="leaves no training samples"):
-        prepare([ALPACA], chat_tokenizer, tmp_path, eval_ratio=0.5)
+def test_eval_ratio_on_too_little_data_keeps_every_sample_for_training(
+    chat_tokenizer, tmp_path: Path
+) -> None:
+    prepared = prepare([ALPACA], chat_tokenizer, tmp_path, eval_ratio=0.5)
+    assert len(prepared.train) == 1 and prepared.eval is None
+    assert prepared.stats.eval_samples == 0
+    two = prepare([ALPACA, ALPACA], chat_tokenizer, tmp_path, eval_ratio=0.05)
+    assert (len(two.train), len(two.eval)) == (1, 1)
 
 
 # --- cache -------------------------------------------------------------------------------------

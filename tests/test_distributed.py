@@ -74,7 +74,9 @@ def test_accelerate_config_is_passed_through_with_only_the_given_overrides(
     alone = launch_command(Path("/tasks/demo"), LaunchOptions(accelerate_config=config), CONFIG)
     across = launch_command(
         Path("/tasks/demo"),
-        LaunchOptions(nproc=8, nnodes=2, node_rank=1, master_addr="node0", accelerate_config=config),
+        LaunchOptions(
+            nproc=8, nnodes=2, node_rank=1, master_addr="node0", accelerate_config=config
+        ),
         CONFIG,
     )
 

@@ -129,7 +129,7 @@ def test_activations_match_tensors_saved_for_backward(
 def test_estimate_follows_the_settings() -> None:
     from sage_finetune_plugin.models import model_config
 
-    base = PresetConfigs.cpu().replace(max_length=128, per_device_train_batch_size=2)
+    base = PresetConfigs.cpu().replace(max_length=128, per_device_train_batch_size=2, packing=False)
     smollm2 = model_config(base.model_name)  # 30 layers
 
     def estimate(config: TrainingConfig, device: str = "cpu", **kwargs):

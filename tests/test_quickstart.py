@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from sage_finetune_plugin.cli import finetune
-from sage_finetune_plugin.config import TrainingConfig
+from sage_finetune_plugin.config import PresetConfigs, TrainingConfig
 from sage_finetune_plugin.errors import DataError
 from sage_finetune_plugin.meta import load_meta
 from sage_finetune_plugin.tasks import MAX_FILE_BYTES, build_code_dataset
@@ -166,7 +166,8 @@ def test_quickstart_code_writes_a_task(project: Path, tiny_model_dir: Path) -> N
     )  # fmt: skip
     assert meta.code_root == str(project) and meta.data_file is None
     assert meta.model == str(tiny_model_dir) and meta.preset == "cpu"
-    assert meta.num_samples == len(records) == meta.data_stats["samples"]
+    stats = meta.data_stats
+    assert meta.num_samples == len(records) == stats["samples"] + stats["eval_samples"]
     assert meta.data_stats["code"]["files_used"] == 4
     assert meta.data_stats["tokens"] > meta.data_stats["trainable_tokens"] > 0
     config = TrainingConfig.load(task / "training_config.json")
@@ -300,7 +301,8 @@ def test_the_trainer_reuses_the_quickstart_cache(tmp_path: Path, tiny_model_dir:
         config,
         cache_dir=task / PREPARED_CACHE,
     )
-    assert prepared.stats.from_cache and len(prepared.train) == 2
+    assert prepared.stats.from_cache
+    assert prepared.stats.samples + prepared.stats.eval_samples == 2
 
 
 @pytest.mark.parametrize(
@@ -347,7 +349,7 @@ def test_run_trains_right_after_quickstart(tmp_path: Path, tiny_model_dir: Path)
         "quickstart", "qa", "--data", str(data), "--model", str(tiny_model_dir), "--run"
     )
     assert result.exit_code == 0, result.output
-    assert "Trained 60 steps" in result.output
+    assert f"Trained {PresetConfigs.cpu().max_steps} steps" in result.output
     meta = load_meta(Path("finetune_output/qa"))
     assert meta.status == "trained" and meta.data_stats["from_cache"]
     assert (Path("finetune_output/qa") / meta.adapter_path / "adapter_config.json").is_file()
