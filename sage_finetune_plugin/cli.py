@@ -8,6 +8,7 @@ Services raise FinetuneError; the group turns that into one line on stderr and e
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,20 +22,24 @@ from .errors import FinetuneError, UsageProblem
 from .paths import HOME_ENV, task_root
 
 
-class FinetuneGroup(click.Group):
-    """A Click group that reports FinetuneError as one line instead of a traceback."""
+class FinetuneCommand(click.Command):
+    """A command that reports FinetuneError as one line instead of a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        # bitsandbytes warns at import time that an optional CPU kernel package is missing.
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         try:
             return super().invoke(ctx)
         except UsageProblem as exc:
-            raise click.UsageError(str(exc), ctx=click.get_current_context(silent=True)) from None
+            raise click.UsageError(str(exc), ctx=ctx) from None
         except FinetuneError as exc:
             error = click.ClickException(str(exc))
             error.exit_code = exc.exit_code
             raise error from None
-        except KeyboardInterrupt:
-            raise click.Abort() from None
+
+
+class FinetuneGroup(click.Group):
+    command_class = FinetuneCommand
 
 
 root_option = click.option(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# One model cache for the whole session (the embedded SmolLM2 is converted once, ~30 s), unless
+# SAGE_TEST_CACHE names a cache to reuse across sessions.
+SESSION_CACHE = os.environ.get("SAGE_TEST_CACHE") or tempfile.mkdtemp(prefix="sage-test-cache-")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache():
+    """Remove the session's model cache at the end (unless SAGE_TEST_CACHE named it)."""
+    yield SESSION_CACHE
+    if not os.environ.get("SAGE_TEST_CACHE"):
+        shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -28,9 +41,7 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("HOME", str(home))
     for var in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME"):
         monkeypatch.setenv(var, str(home / var.lower()))
-    # The model cache (embedded-model conversion) is shared by the whole session: converting
-    # SmolLM2 takes half a minute, so tests reuse one cache unless they set their own.
-    monkeypatch.setenv("XDG_CACHE_HOME", os.environ.get("SAGE_TEST_CACHE", str(home / ".cache")))
+    monkeypatch.setenv("XDG_CACHE_HOME", SESSION_CACHE)
     monkeypatch.delenv("SAGE_FINETUNE_HOME", raising=False)
     monkeypatch.delenv("SAGE_FINETUNE_CACHE", raising=False)
     work = tmp_path / "work"
