@@ -20,7 +20,7 @@ from .errors import ModelError, TaskError, UsageProblem
 from .merge import base_model_name, first_line, is_complete_adapter
 from .meta import TaskMeta, load_meta
 from .models import _is_model_dir, load_tokenizer, resolve_model
-from .paths import resolve_task
+from .paths import ADAPTER_DIR, resolve_task
 
 #: Used when a tokenizer has no chat template: the ``### Instruction:`` / ``### Response:``
 #: layout the data layer trains with when there is no template, one turn after the other.
@@ -117,7 +117,7 @@ def load_chat_model(
         return ChatModel(*_load_folder(merged, trust), f"merged model {merged}")
     if merged is not None:
         report(f"The merged model {merged} is missing or incomplete; using base + adapter.")
-    adapter = meta.path(task_dir, meta.adapter_path) or task_dir / "adapter"
+    adapter = meta.path(task_dir, meta.adapter_path) or task_dir / ADAPTER_DIR
     if not is_complete_adapter(adapter):
         raise TaskError(_not_trained_message(task_dir, meta, adapter))
     chat = _load_base(base_name, trust, report)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .errors import ConfigError, FinetuneError, TrainingError, TrainingInterrupted, UsageProblem
 from .locks import RunLock
+from .paths import ADAPTER_DIR, LOGS_DIR
 
 if TYPE_CHECKING:
     from .config import TrainingConfig
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
 LAUNCHED_ENV = "SAGE_FINETUNE_LAUNCHED"
 LAUNCH_DIR = ".launch"
 LAUNCH_CONFIG = "config.json"
-LOGS_DIR = "logs"
 DEFAULT_MASTER_PORT = 29500
 
 
@@ -421,7 +421,7 @@ def _result(task_dir: Path) -> TrainResult:
     meta = load_meta(task_dir)
     config = TrainingConfig.from_dict(meta.training or {})
     metrics: dict[str, Any] = dict(meta.metrics or {})
-    adapter = meta.path(task_dir, meta.adapter_path or "adapter")
+    adapter = meta.path(task_dir, meta.adapter_path or ADAPTER_DIR)
     targets = config.lora.target_modules
     return TrainResult(
         task_dir,

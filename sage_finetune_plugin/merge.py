@@ -26,7 +26,7 @@ from typing import Any
 from .errors import MergeError, ModelError
 from .locks import RunLock
 from .meta import TaskMeta, load_meta, update_meta
-from .paths import resolve_task
+from .paths import ADAPTER_DIR, CHECKPOINTS_DIR, MERGED_DIR, resolve_task
 from .training_utils import is_complete_checkpoint, list_checkpoints
 
 #: ``--dtype`` names -> torch dtype names.
@@ -40,8 +40,6 @@ VERIFY_PROMPTS = (
     "Write a Python function that returns the sum of a list of numbers.",
     "What is the capital of France?",
 )
-DEFAULT_OUTPUT = "merged"
-CHECKPOINTS = "checkpoints"
 DEFAULT_SHARD_SIZE = "2GB"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -86,7 +84,7 @@ def complete_checkpoints(task_dir: Path) -> list[tuple[int, Path]]:
     """Checkpoints training finished writing, as ``(step, path)`` in numeric step order."""
     return [
         (step, path)
-        for step, path in list_checkpoints(Path(task_dir) / CHECKPOINTS)
+        for step, path in list_checkpoints(Path(task_dir) / CHECKPOINTS_DIR)
         if is_complete_checkpoint(path)
     ]
 
@@ -97,7 +95,7 @@ def find_adapter(
     """The adapter folder to merge and its label: ``final``, or ``checkpoint-N``."""
     choice = str(checkpoint).strip().lower()
     if choice == "final":
-        adapter = meta.path(task_dir, meta.adapter_path) or task_dir / "adapter"
+        adapter = meta.path(task_dir, meta.adapter_path) or task_dir / ADAPTER_DIR
         if is_complete_adapter(adapter):
             return adapter, "final"
         hint = (
@@ -162,7 +160,7 @@ def merge_task(
     RunLock(task_dir).check()  # a run in progress rewrites the adapter and the meta
     meta = load_meta(task_dir)
     adapter_dir, label = find_adapter(task_dir, meta, checkpoint)
-    target = Path(output).expanduser() if output else task_dir / DEFAULT_OUTPUT
+    target = Path(output).expanduser() if output else task_dir / MERGED_DIR
     _check_target(target, task_dir, adapter_dir, force)
 
     from .chat import adapter_tokenizer

@@ -13,6 +13,15 @@ from pathlib import Path
 from .errors import TaskError
 
 META_FILENAME = "finetune_meta.json"
+# What a task directory holds, relative to it (one definition for every layer).
+DATASET_FILE = "data/train.jsonl"
+CONFIG_FILE = "training_config.json"
+PREPARED_CACHE = ".cache/prepared"
+ADAPTER_DIR = "adapter"
+CHECKPOINTS_DIR = "checkpoints"
+LOGS_DIR = "logs"
+LOSS_PLOT = "loss.png"
+MERGED_DIR = "merged"
 HOME_ENV = "SAGE_FINETUNE_HOME"
 CACHE_ENV = "SAGE_FINETUNE_CACHE"
 DEFAULT_ROOT = "finetune_output"

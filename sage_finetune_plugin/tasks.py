@@ -30,7 +30,7 @@ from .data import DataStats, LoadedData, load_training_data, prepare_dataset, pr
 from .errors import DataError, ModelError, TaskError, UsageProblem
 from .locks import RunLock
 from .meta import TaskMeta, save_meta
-from .paths import META_FILENAME, new_task_dir
+from .paths import CONFIG_FILE, DATASET_FILE, META_FILENAME, PREPARED_CACHE, new_task_dir
 
 #: Task types and the data format each expects (None: detected).
 TASK_TYPES: dict[str, str | None] = {
@@ -40,9 +40,6 @@ TASK_TYPES: dict[str, str | None] = {
     "chat": "conversation",
     "custom": None,
 }
-DATASET_FILE = "data/train.jsonl"
-CONFIG_FILE = "training_config.json"
-PREPARED_CACHE = ".cache/prepared"
 
 #: Folders never scanned for code: environments, build output, caches, our own output.
 SKIPPED_DIRS = {

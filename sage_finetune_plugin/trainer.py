@@ -45,6 +45,7 @@ from .errors import (
 from .launch import fsdp_enabled, is_main_process, launched, worker_output, world_size
 from .locks import RunLock
 from .meta import TaskMeta, load_meta, meta_path, save_meta
+from .paths import ADAPTER_DIR, CHECKPOINTS_DIR, LOGS_DIR, LOSS_PLOT, PREPARED_CACHE
 from .training_utils import (
     Runtime,
     is_complete_checkpoint,
@@ -64,11 +65,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_DIR = "adapter"
-CHECKPOINTS_DIR = "checkpoints"
-LOGS_DIR = "logs"
-LOSS_PLOT = "loss.png"
-PREPARED_CACHE = Path(".cache") / "prepared"
 #: Config fields that describe the task (model and data) rather than the hyperparameters: a
 #: preset chosen with ``--preset`` replaces everything else.
 TASK_FIELDS = (
