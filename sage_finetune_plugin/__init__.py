@@ -15,18 +15,24 @@ from ._version import __version__
 _LAZY = {
     "TrainingConfig": ".config",
     "LoRAConfig": ".config",
-    "PresetConfigs": ".config",
+    "PresetConfigs": ".presets",
     "FinetuneError": ".errors",
     "TaskMeta": ".meta",
+    "Task": ".task",
     "load_training_data": ".data",
     "prepare_dataset": ".data",
     "format_alpaca_sample": ".data",
     "format_qa_sample": ".data",
     "format_conversation_sample": ".data",
     "format_text_sample": ".data",
-    "LoRATrainer": ".trainer",
-    "train_from_meta": ".trainer",
-    "estimate_memory": ".memory",
+    "LoRATrainer": ".training.recipe",
+    "TrainResult": ".training.metrics",
+    "RunOptions": ".runs",
+    "RunPlan": ".runs",
+    "plan_run": ".runs",
+    "start_run": ".runs",
+    "train_from_meta": ".runs",
+    "estimate_memory": ".training.memory",
 }
 
 __all__ = ["__version__", *_LAZY]

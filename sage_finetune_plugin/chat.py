@@ -14,74 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import TextStreamer
-
-from .errors import ModelError, TaskError, UsageProblem
-from .merge import base_model_name, first_line, is_complete_adapter
-from .meta import TaskMeta, load_meta
-from .models import _is_model_dir, load_tokenizer, resolve_model
-from .paths import ADAPTER_DIR, resolve_task
-
-#: Used when a tokenizer has no chat template: the ``### Instruction:`` / ``### Response:``
-#: layout the data layer trains with when there is no template, one turn after the other.
-FALLBACK_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}### System:\n{{ message['content'] }}\n\n"
-    "{% elif message['role'] == 'user' %}### Instruction:\n{{ message['content'] }}\n\n"
-    "{% else %}### Response:\n{{ message['content'] }}{{ eos_token }}\n\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}### Response:\n{% endif %}"
-)
-_PROBE = "sage-finetune-probe"
+from .errors import ModelError, TaskError, UsageProblem, first_line
+from .models import is_model_dir, load_adapter_tokenizer, load_tokenizer, resolve_model
+from .task import Task
+from .templates import ensure_chat_template, stop_token_ids
+from .training.runtime import Hardware, Runtime, inference_runtime
 
 StreamCallback = Callable[[str], None]
 Progress = Callable[[str], None]
-
-
-# --- template and stop tokens (merge.py uses these too) -----------------------------------------
-
-
-def ensure_chat_template(tokenizer: Any) -> None:
-    """Give a tokenizer without a chat template the fallback one."""
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = FALLBACK_TEMPLATE
-
-
-def end_of_turn_id(tokenizer: Any) -> int | None:
-    """The special token the chat template writes right after an assistant message, if any."""
-    conversation = [
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": _PROBE},
-    ]
-    try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False)
-    except Exception:  # a template that cannot render a plain exchange marks no end of turn
-        return None
-    if _PROBE not in text:
-        return None
-    tail = text[text.rindex(_PROBE) + len(_PROBE) :].lstrip(" ")
-    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
-    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
-    return ids[0] if ids and ids[0] in special else None
-
-
-def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
-    """Token ids that end an answer: the model's EOS ids, the tokenizer's EOS, end of turn."""
-    configured = getattr(generation_config, "eos_token_id", None)
-    candidates = [
-        *(configured if isinstance(configured, list) else [configured]),
-        tokenizer.eos_token_id,
-        end_of_turn_id(tokenizer),
-    ]
-    stops: list[int] = []
-    for token in candidates:
-        if token is not None and token not in stops:
-            stops.append(int(token))
-    if not stops:
-        raise ModelError(
-            "The tokenizer defines no end-of-sequence token: generation could not stop."
-        )
-    return stops
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -97,65 +37,67 @@ class ChatModel:
 
 
 def load_chat_model(
-    task: str | os.PathLike[str],
+    task: Task | str | os.PathLike[str],
     *,
     root: str | os.PathLike[str] | None = None,
     base: bool = False,
     progress: Progress | None = None,
+    hardware: Hardware | None = None,
 ) -> ChatModel:
-    """The task's merged model if present, else base + final adapter; ``base=True``: the base."""
+    """The task's merged model if present, else base + final adapter; ``base=True``: the base.
+    It runs where the runtime policy says (GPU, Apple MPS, else CPU)."""
     report = progress or (lambda _message: None)
-    task_dir = resolve_task(os.fspath(task), root)
-    meta = load_meta(task_dir)
-    trust = bool(meta.training.get("trust_remote_code", False))
-    base_name = base_model_name(meta)
+    task = Task.of(task, root)
+    device = inference_runtime(hardware)
+    trust, base_name = task.trust_remote_code, task.base_model
     if base:
-        return _load_base(base_name, trust, report)
-    merged = meta.path(task_dir, meta.merged_path)
-    if merged is not None and _is_model_dir(merged):
+        return _load_base(base_name, trust, device, report)
+    merged = task.merged_dir
+    if merged is not None and is_model_dir(merged):
         report(f"Loading the merged model {merged}")
-        return ChatModel(*_load_folder(merged, trust), f"merged model {merged}")
+        return ChatModel(*_load_folder(merged, trust, device), f"merged model {merged}")
     if merged is not None:
         report(f"The merged model {merged} is missing or incomplete; using base + adapter.")
-    adapter = meta.path(task_dir, meta.adapter_path) or task_dir / ADAPTER_DIR
-    if not is_complete_adapter(adapter):
-        raise TaskError(_not_trained_message(task_dir, meta, adapter))
-    chat = _load_base(base_name, trust, report)
+    try:
+        adapter, _ = task.find_adapter("final")
+    except TaskError:
+        raise TaskError(_not_trained_message(task)) from None
+    chat = _load_base(base_name, trust, device, report)
     report(f"Applying the adapter {adapter}")
     return ChatModel(
         _with_adapter(chat.model, adapter),
-        adapter_tokenizer(adapter, base_name, trust_remote_code=trust),
+        load_adapter_tokenizer(adapter, base_name, trust_remote_code=trust),
         f"{base_name} + adapter {adapter}",
     )
 
 
-def _not_trained_message(task_dir: Path, meta: TaskMeta, adapter: Path) -> str:
+def _not_trained_message(task: Task) -> str:
     return (
-        f"Task {task_dir} has no trained model (status {meta.status}; no adapter at {adapter}): "
-        f"run `sage finetune run {task_dir}` first, or talk to the base model with --base."
+        f"Task {task.path} has no trained model (status {task.meta.status}; no adapter at "
+        f"{task.adapter_dir}): run `sage finetune run {task.path}` first, or talk to the base "
+        "model with --base."
     )
 
 
-def _load_base(base_name: str, trust: bool, report: Progress) -> ChatModel:
+def _load_base(base_name: str, trust: bool, runtime: Runtime, report: Progress) -> ChatModel:
     path = resolve_model(base_name, trust_remote_code=trust)
     report(f"Loading the base model {base_name}")
-    return ChatModel(*_load_folder(path, trust), f"base model {base_name}")
+    return ChatModel(*_load_folder(path, trust, runtime), f"base model {base_name}")
 
 
-def _load_folder(folder: Path, trust: bool) -> tuple[Any, Any]:
-    """Model (on the GPU when there is one, fp32 on CPU) and tokenizer of a model folder."""
-    import torch
+def _load_folder(folder: Path, trust: bool, runtime: Runtime) -> tuple[Any, Any]:
+    """Model and tokenizer of a model folder, on the runtime's device and in its dtype."""
     from transformers import AutoModelForCausalLM
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = "auto" if device == "cuda" else torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=runtime.dtype, trust_remote_code=trust
+        )
     except (OSError, ValueError) as exc:
         raise ModelError(f"Cannot load the model in {folder}: {first_line(exc)}") from None
     tokenizer = load_tokenizer(str(folder), trust_remote_code=trust)
     ensure_chat_template(tokenizer)
-    return model.to(device).eval(), tokenizer
+    return model.to(runtime.device).eval(), tokenizer
 
 
 def _with_adapter(model: Any, adapter: Path) -> Any:
@@ -166,19 +108,6 @@ def _with_adapter(model: Any, adapter: Path) -> Any:
         return PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"Cannot apply the adapter in {adapter}: {first_line(exc)}") from None
-
-
-def adapter_tokenizer(adapter: Path, base_name: str, *, trust_remote_code: bool = False) -> Any:
-    """The tokenizer training saved beside the adapter (it may carry added tokens), else the
-    base model's; with a chat template either way."""
-    if (adapter / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(adapter, trust_remote_code=trust_remote_code)
-    else:
-        tokenizer = load_tokenizer(base_name, trust_remote_code=trust_remote_code)
-    ensure_chat_template(tokenizer)
-    return tokenizer
 
 
 # --- the conversation ---------------------------------------------------------------------------
@@ -218,7 +147,7 @@ class ChatSession:
 
         turn = [{"role": "user", "content": user_text}]
         inputs = self._encode(turn).to(self.model.device)
-        streamer = _CallbackStreamer(self.tokenizer, stream_callback) if stream_callback else None
+        streamer = _streamer(self.tokenizer, stream_callback) if stream_callback else None
         with torch.inference_mode():
             output = self.model.generate(**inputs, **self._generation_kwargs(), streamer=streamer)
         new_tokens = output[0, inputs["input_ids"].shape[1] :]
@@ -266,17 +195,19 @@ class ChatSession:
         return kwargs
 
 
-class _CallbackStreamer(TextStreamer):
-    """Hands decoded text to a callback instead of printing it; leading whitespace dropped."""
+def _streamer(tokenizer: Any, callback: StreamCallback) -> Any:
+    """A transformers streamer that hands decoded text to ``callback`` (leading whitespace of
+    the answer dropped) instead of printing it."""
+    from transformers import TextStreamer
 
-    def __init__(self, tokenizer: Any, callback: StreamCallback) -> None:
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.callback = callback
-        self.started = False
+    class CallbackStreamer(TextStreamer):
+        started = False
 
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if not self.started:
-            text = text.lstrip()
-            self.started = bool(text)
-        if text:
-            self.callback(text)
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if not self.started:
+                text = text.lstrip()
+                self.started = bool(text)
+            if text:
+                callback(text)
+
+    return CallbackStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

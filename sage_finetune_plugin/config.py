@@ -1,18 +1,23 @@
-"""Training and LoRA configuration, and the hardware presets.
+"""Training and LoRA configuration: plain dataclasses, their validation and their sources.
 
-Plain dataclasses with the original SAGE field names, so existing ``TrainingConfig(...)`` calls
-and saved configs keep working. Nothing heavy is imported here (``PresetConfigs.auto`` imports
-torch inside the function, to look at the hardware).
+The dataclasses keep the original SAGE field names, so existing ``TrainingConfig(...)`` calls
+and saved configs keep working. Besides JSON files, a config is changed by ``KEY=VALUE``
+settings (``run --set lora.r=16``, typed by the field's annotation) and by recipe files of the
+same keys in YAML or JSON (``run --config recipe.yaml``). The presets live in presets.py.
+Imports nothing heavy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
+import math
 import os
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +151,11 @@ class TrainingConfig:
         """Samples per optimizer step on one process (batch size x gradient accumulation)."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
 
+    @property
+    def quantization(self) -> str | None:
+        """How the base model is loaded: ``"4bit"``, ``"8bit"`` or None (not quantized)."""
+        return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else None
+
     def validate(self) -> None:
         """Raise ConfigError for the first invalid value."""
         _check_types(self)
@@ -207,20 +217,44 @@ class TrainingConfig:
         return cls(**values)
 
     def replace(self, **changes: Any) -> TrainingConfig:
-        """A validated copy with some fields changed (``lora`` may be a dict of changes)."""
+        """A validated copy with some fields changed (``lora`` may be a dict of changes);
+        unknown keys are an error that names them, with the closest known key."""
+        _known_keys(type(self), changes, where="training config")
         lora = changes.pop("lora", None)
         if isinstance(lora, dict):
+            _known_keys(LoRAConfig, lora, where="lora")
             changes["lora"] = dataclasses.replace(self.lora, **lora)
-        elif lora is not None:
+        elif isinstance(lora, LoRAConfig):
             changes["lora"] = lora
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ConfigError(f"Unknown training config key(s): {', '.join(sorted(unknown))}.")
+        elif lora is not None:
+            raise ConfigError(f"lora must be a mapping of LoRA settings, got {lora!r}.")
         return dataclasses.replace(self, **changes)
+
+    def with_settings(self, settings: Sequence[str]) -> TrainingConfig:
+        """A copy with ``KEY=VALUE`` settings applied in order (``lora.r=16``, see
+        ``parse_setting``)."""
+        changes: dict[str, Any] = {}
+        for text in settings:
+            key, value = parse_setting(text)
+            if key.startswith("lora."):
+                changes.setdefault("lora", {})[key.removeprefix("lora.")] = value
+            else:
+                changes[key] = value
+        return self.replace(**changes)
+
+    def with_recipe(self, path: str | os.PathLike[str]) -> TrainingConfig:
+        """A copy with the keys of a recipe file (YAML or JSON, the config's own keys, ``lora``
+        nested) applied; errors name the file."""
+        path = Path(path)
+        values = read_recipe(path)
+        try:
+            return self.replace(**values)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the config as JSON (atomically)."""
-        from .meta import atomic_write_text
+        from .paths import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
@@ -243,167 +277,105 @@ class TrainingConfig:
             raise ConfigError(f"{path}: {exc}") from None
 
 
-# --- presets ---------------------------------------------------------------------------------
+# --- settings and recipe files ----------------------------------------------------------------
+
+_NULL_WORDS = ("none", "null")
+_TRUE_WORDS = ("true", "yes", "on", "1")
+_FALSE_WORDS = ("false", "no", "off", "0")
 
 
-@dataclass(frozen=True)
-class PresetInfo:
-    name: str
-    hardware: str
-    claimed_memory: str
-    description: str
+def setting_keys() -> list[str]:
+    """Every key ``--set`` accepts: the TrainingConfig fields and ``lora.<field>``."""
+    top = [f.name for f in dataclasses.fields(TrainingConfig) if f.name != "lora"]
+    return top + [f"lora.{f.name}" for f in dataclasses.fields(LoRAConfig)]
 
 
-class PresetConfigs:
-    """Ready-made configs for common hardware. Each returns a new TrainingConfig."""
+def parse_setting(text: str) -> tuple[str, Any]:
+    """``"KEY=VALUE"`` as (key, value typed by the field's annotation).
 
-    INFO: typing.ClassVar[dict[str, PresetInfo]] = {
-        "minimal": PresetInfo("minimal", "GPU < 8 GB", "~6 GB", "4-bit QLoRA, short samples"),
-        "rtx_3060": PresetInfo("rtx_3060", "12 GB GPU", "~10 GB", "8-bit LoRA, 1.5B coder"),
-        "rtx_4090": PresetInfo("rtx_4090", "24 GB GPU", "~21 GB", "7B LoRA in 16-bit, 2k context"),
-        "a100": PresetInfo("a100", "40 GB+ GPU", "~26 GB", "7B bf16 LoRA, 4k context"),
-        "cpu": PresetInfo("cpu", "CPU only", "~3 GB RAM", "fp32 LoRA on the 135M model"),
-    }
+    Booleans take true/false (yes/no, on/off, 1/0); optional fields take none or null;
+    ``lora.target_modules`` takes ``all-linear`` or a comma-separated list of module names.
+    Raises ConfigError for a malformed setting, an unknown key (naming the closest ones) or a
+    value of the wrong type.
+    """
+    key, sep, raw = text.partition("=")
+    key, raw = key.strip(), raw.strip()
+    if not sep or not key:
+        raise ConfigError(f"Setting {text!r} is not KEY=VALUE (for example lora.r=16).")
+    keys = setting_keys()
+    if key not in keys:
+        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        raise ConfigError(f"Unknown setting {key!r}.{hint} Known keys: {', '.join(keys)}.")
+    owner = LoRAConfig if key.startswith("lora.") else TrainingConfig
+    hint = typing.get_type_hints(owner)[key.removeprefix("lora.")]
+    return key, _typed(key, raw, hint)
 
-    @staticmethod
-    def minimal() -> TrainingConfig:
-        """GPUs under 8 GB: 4-bit nf4 with double quantization."""
-        return TrainingConfig(
-            preset="minimal",
-            model_name=SMALL_MODEL,
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            max_length=512,
-            per_device_train_batch_size=1,
-            gradient_accumulation_steps=32,
-            gradient_checkpointing=True,
-            optim="paged_adamw_8bit",
-            lora=LoRAConfig(r=4, lora_alpha=8),
-        )
 
-    @staticmethod
-    def rtx_3060() -> TrainingConfig:
-        """12 GB cards: 8-bit base model, batch 1 x 16."""
-        return TrainingConfig(
-            preset="rtx_3060",
-            model_name=DEFAULT_MODEL,
-            load_in_8bit=True,
-            max_length=1024,
-            per_device_train_batch_size=1,
-            gradient_accumulation_steps=16,
-            gradient_checkpointing=True,
-            optim="paged_adamw_8bit",
-            lora=LoRAConfig(r=8, lora_alpha=16),
-        )
+def _typed(key: str, raw: str, hint: Any) -> Any:
+    allowed = _allowed_types(hint) or (str,)
+    word = raw.lower()
+    if type(None) in allowed and word in _NULL_WORDS:
+        return None
+    if key == "lora.target_modules":
+        names = [name.strip() for name in raw.split(",") if name.strip()]
+        if not names:
+            raise ConfigError(f"{key} needs all-linear or module names, got {raw!r}.")
+        return ALL_LINEAR if names == [ALL_LINEAR] else names
+    if bool in allowed:
+        if word in _TRUE_WORDS:
+            return True
+        if word in _FALSE_WORDS:
+            return False
+    if int in allowed and float not in allowed:
+        with contextlib.suppress(ValueError):
+            return int(raw)
+    if float in allowed:
+        with contextlib.suppress(ValueError):
+            number = float(raw)
+            if math.isfinite(number):
+                return number
+    if str in allowed:
+        return raw
+    wanted = " or ".join(_type_words(allowed))
+    raise ConfigError(f"{key} must be {wanted}, got {raw!r}.")
 
-    @staticmethod
-    def rtx_4090() -> TrainingConfig:
-        """24 GB cards: the 7B model unquantized in 16-bit, 2k context, effective batch 16.
 
-        The original tool's batch 4 x 4 without gradient checkpointing is predicted to need
-        about 100 GiB for a 7B model (estimate_memory); batch 1 x 16 with checkpointing keeps
-        the effective batch and fits in about 21 GiB."""
-        return TrainingConfig(
-            preset="rtx_4090",
-            model_name=LARGE_MODEL,
-            max_length=2048,
-            per_device_train_batch_size=1,
-            gradient_accumulation_steps=16,
-            gradient_checkpointing=True,
-            optim="adamw_torch",
-            lora=LoRAConfig(r=8, lora_alpha=16),
-        )
+def _type_words(allowed: tuple[type, ...]) -> list[str]:
+    words = {bool: "true/false", int: "an integer", float: "a number", type(None): "none"}
+    return [words.get(t, t.__name__) for t in allowed if not (t is int and float in allowed)]
 
-    @staticmethod
-    def a100() -> TrainingConfig:
-        """40 GB and larger cards: bf16, 4k context, effective batch 16.
 
-        As for rtx_4090, the original batch 8 x 2 without checkpointing does not fit a 7B
-        model (about 370 GiB predicted); batch 1 x 16 with checkpointing needs about 26 GiB."""
-        return TrainingConfig(
-            preset="a100",
-            model_name=LARGE_MODEL,
-            bf16=True,
-            fp16=False,
-            max_length=4096,
-            per_device_train_batch_size=1,
-            gradient_accumulation_steps=16,
-            gradient_checkpointing=True,
-            optim="adamw_torch",
-            lora=LoRAConfig(r=8, lora_alpha=16),
-        )
+def read_recipe(path: Path) -> dict[str, Any]:
+    """The keys of a YAML (``.yaml``/``.yml``) or JSON recipe file, as a dict."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: recipe file not found.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the recipe ({exc}).") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
 
-    @staticmethod
-    def cpu() -> TrainingConfig:
-        """No GPU: fp32, no quantization, the 135M model, short samples and a short run.
-
-        Packed batches (no padding, random order, so the logged loss is not shaped by
-        length-sorted batches), a high LoRA learning rate, and 5% of the data held out and
-        evaluated before, during and after training: the evaluation loss shows what the run
-        gained, and the whole run stays under 10 minutes on two cores."""
-        return TrainingConfig(
-            preset="cpu",
-            model_name=SMALL_MODEL,
-            fp16=False,
-            bf16=False,
-            max_length=256,
-            packing=True,
-            eval_ratio=0.05,
-            num_train_epochs=1,
-            max_steps=40,
-            per_device_train_batch_size=4,
-            gradient_accumulation_steps=1,
-            learning_rate=5e-4,
-            warmup_ratio=0.05,
-            gradient_checkpointing=False,
-            optim="adamw_torch",
-            logging_steps=5,
-            save_steps=20,
-            lora=LoRAConfig(r=16, lora_alpha=32),
-        )
-
-    @classmethod
-    def auto(cls) -> TrainingConfig:
-        """Pick a preset from the hardware found: CUDA memory, Apple MPS, or CPU."""
-        return cls.get(detect_preset())
-
-    @classmethod
-    def names(cls, include_auto: bool = True) -> list[str]:
-        """Preset names, as the CLI accepts them."""
-        return [*cls.INFO, "auto"] if include_auto else list(cls.INFO)
-
-    @classmethod
-    def get(cls, name: str) -> TrainingConfig:
-        """The preset called ``name`` (``auto`` detects the hardware)."""
-        if name not in cls.names():
-            hint = difflib.get_close_matches(name, cls.names(), n=1)
-            suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or exc
+            raise ConfigError(f"{path}: invalid YAML{where}: {problem}.") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
             raise ConfigError(
-                f"Unknown preset {name!r}: choose one of {', '.join(cls.names())}.{suggestion}"
-            )
-        return getattr(cls, name)()
-
-
-def preset_for_memory(total_gib: float) -> str:
-    """The largest GPU preset designed for a card with ``total_gib`` GiB."""
-    if total_gib >= 39:
-        return "a100"
-    if total_gib >= 22:
-        return "rtx_4090"
-    if total_gib >= 11:
-        return "rtx_3060"
-    return "minimal"
-
-
-def detect_preset() -> str:
-    """The preset name for this machine's hardware: the largest GPU preset whose memory
-    estimate fits the CUDA device (see ``memory.choose_preset``), else ``cpu`` (imports torch)."""
-    from .memory import choose_preset
-
-    # Apple MPS has no bitsandbytes kernels and no fp16 autocast worth the risk: the cpu
-    # preset's fp32, unquantized settings are the ones that run there.
-    return choose_preset()[0]
+                f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}."
+            ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: a recipe holds config keys (a mapping), found {type(data).__name__}."
+        )
+    return data
 
 
 # --- helpers ---------------------------------------------------------------------------------

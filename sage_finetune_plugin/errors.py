@@ -64,3 +64,9 @@ class LockError(FinetuneError):
 
 class MergeError(FinetuneError):
     """An adapter cannot be merged into its base model."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

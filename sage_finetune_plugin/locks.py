@@ -18,15 +18,14 @@ from typing import Any
 
 from .errors import LockError
 from .meta import now_iso
-
-LOCK_FILENAME = ".lock"
+from .paths import LOCK_FILE
 
 
 class RunLock:
     """Context manager holding ``<task_dir>/.lock`` for the lifetime of a run."""
 
     def __init__(self, task_dir: Path) -> None:
-        self.path = Path(task_dir) / LOCK_FILENAME
+        self.path = Path(task_dir) / LOCK_FILE
         self.took_over: dict[str, Any] | None = None
 
     def acquire(self) -> RunLock:
@@ -37,7 +36,7 @@ class RunLock:
             owner = read_lock(self.path)
             if owner is None:  # released between our attempt and the read: try again
                 continue
-            if not _is_stale(owner):
+            if not is_stale(owner):
                 raise LockError(_held_message(self.path, owner))
             # A dead owner: remove its lock and race for a fresh one (O_EXCL picks one winner).
             with contextlib.suppress(FileNotFoundError):
@@ -48,7 +47,7 @@ class RunLock:
     def check(self) -> None:
         """Raise LockError if a live process holds the lock (without taking it)."""
         owner = read_lock(self.path)
-        if owner is not None and not _is_stale(owner):
+        if owner is not None and not is_stale(owner):
             raise LockError(_held_message(self.path, owner))
 
     def release(self) -> None:
@@ -94,7 +93,7 @@ def read_lock(path: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else {}
 
 
-def _is_stale(owner: dict[str, Any]) -> bool:
+def is_stale(owner: dict[str, Any]) -> bool:
     """True if the owner is provably gone: a dead pid on this host, or a garbled file."""
     pid = owner.get("pid")
     if not isinstance(pid, int) or pid <= 0:

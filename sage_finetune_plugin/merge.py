@@ -16,18 +16,15 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import secrets
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import MergeError, ModelError
-from .locks import RunLock
-from .meta import TaskMeta, load_meta, update_meta
-from .paths import ADAPTER_DIR, CHECKPOINTS_DIR, MERGED_DIR, resolve_task
-from .training_utils import is_complete_checkpoint, list_checkpoints
+from .errors import MergeError, ModelError, first_line
+from .paths import MERGED_DIR, atomic_directory
+from .task import Task
+from .templates import stop_token_ids
 
 #: ``--dtype`` names -> torch dtype names.
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -41,7 +38,6 @@ VERIFY_PROMPTS = (
     "What is the capital of France?",
 )
 DEFAULT_SHARD_SIZE = "2GB"
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 Progress = Callable[[str], None]
 
@@ -70,76 +66,11 @@ class MergeResult:
         }
 
 
-# --- which adapter, which base ------------------------------------------------------------------
-
-
-def is_complete_adapter(path: Path) -> bool:
-    """A folder peft can load an adapter from."""
-    return (path / "adapter_config.json").is_file() and any(
-        (path / name).is_file() for name in ADAPTER_FILES
-    )
-
-
-def complete_checkpoints(task_dir: Path) -> list[tuple[int, Path]]:
-    """Checkpoints training finished writing, as ``(step, path)`` in numeric step order."""
-    return [
-        (step, path)
-        for step, path in list_checkpoints(Path(task_dir) / CHECKPOINTS_DIR)
-        if is_complete_checkpoint(path)
-    ]
-
-
-def find_adapter(
-    task_dir: Path, meta: TaskMeta, checkpoint: str | int = "final"
-) -> tuple[Path, str]:
-    """The adapter folder to merge and its label: ``final``, or ``checkpoint-N``."""
-    choice = str(checkpoint).strip().lower()
-    if choice == "final":
-        adapter = meta.path(task_dir, meta.adapter_path) or task_dir / ADAPTER_DIR
-        if is_complete_adapter(adapter):
-            return adapter, "final"
-        hint = (
-            " (or merge a checkpoint with --checkpoint latest)"
-            if complete_checkpoints(task_dir)
-            else ""
-        )
-        raise MergeError(
-            f"Task {task_dir} has no trained adapter at {adapter}: "
-            f"run training first: sage finetune run {task_dir}{hint}."
-        )
-    checkpoints = complete_checkpoints(task_dir)
-    if not checkpoints:
-        raise MergeError(
-            f"Task {task_dir} has no complete checkpoint under {task_dir / 'checkpoints'}: "
-            f"run training first: sage finetune run {task_dir}."
-        )
-    if choice == "latest":
-        step, path = checkpoints[-1]
-        return path, f"checkpoint-{step}"
-    if not choice.isdigit():
-        raise MergeError(
-            f"--checkpoint must be final, latest or a step number, got {checkpoint!r}."
-        )
-    by_step = dict(checkpoints)
-    if int(choice) not in by_step:
-        steps = ", ".join(str(step) for step, _ in checkpoints)
-        raise MergeError(f"Task {task_dir} has no checkpoint-{int(choice)}; available: {steps}.")
-    return by_step[int(choice)], f"checkpoint-{int(choice)}"
-
-
-def base_model_name(meta: TaskMeta) -> str:
-    """The base model the adapter was trained on: the training config's, else the meta's."""
-    name = meta.training.get("model_name") or meta.model
-    if not name:
-        raise MergeError("The task's meta names no base model (keys training.model_name, model).")
-    return name
-
-
 # --- the merge ----------------------------------------------------------------------------------
 
 
 def merge_task(
-    task: str | os.PathLike[str],
+    task: Task | str | os.PathLike[str],
     *,
     root: str | os.PathLike[str] | None = None,
     output: str | os.PathLike[str] | None = None,
@@ -152,28 +83,27 @@ def merge_task(
     """Merge a task's adapter into its base model and save a self-contained model folder.
 
     ``dtype`` is ``fp32``, ``bf16`` or ``fp16``; ``None`` keeps the base model's own dtype.
-    Raises MergeError (nothing written) when the adapter, the base model or the output folder
-    is unusable, or when the saved model's logits do not match base + adapter.
+    Raises TaskError when the task has no such adapter, MergeError (nothing written) when the
+    base model, the adapter or the output folder is unusable, or when the saved model's
+    logits do not match base + adapter. The merge runs on the CPU in full precision.
     """
     report = progress or (lambda _message: None)
-    task_dir = resolve_task(os.fspath(task), root)
-    RunLock(task_dir).check()  # a run in progress rewrites the adapter and the meta
-    meta = load_meta(task_dir)
-    adapter_dir, label = find_adapter(task_dir, meta, checkpoint)
-    target = Path(output).expanduser() if output else task_dir / MERGED_DIR
-    _check_target(target, task_dir, adapter_dir, force)
+    task = Task.of(task, root)
+    task.lock().check()  # a run in progress rewrites the adapter and the meta
+    adapter_dir, label = task.find_adapter(checkpoint)
+    target = Path(output).expanduser() if output else task.path / MERGED_DIR
+    _check_target(target, task.path, adapter_dir, force)
 
-    from .chat import adapter_tokenizer
-    from .models import resolve_model
+    from .models import load_adapter_tokenizer, resolve_model
 
-    trust = bool(meta.training.get("trust_remote_code", False))
-    base_name = base_model_name(meta)
+    trust = task.trust_remote_code
+    base_name = task.base_model
     report(f"Resolving base model {base_name}")
     base_path = resolve_model(base_name, trust_remote_code=trust)
     report(f"Loading {base_path} in full precision")
     model = _load_full_precision(base_path, dtype, trust)
     dtype = dtype or _dtype_name(model.dtype)
-    tokenizer = adapter_tokenizer(adapter_dir, base_name, trust_remote_code=trust)
+    tokenizer = load_adapter_tokenizer(adapter_dir, base_name, trust_remote_code=trust)
     report(f"Applying adapter {adapter_dir} ({label})")
     model = _apply_adapter(model, adapter_dir, base_name)
     inputs = _verify_inputs(tokenizer)
@@ -182,19 +112,13 @@ def merge_task(
     merged = _merge(model, tokenizer)
     del model
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = _sibling(target, "tmp")
-    try:
+    with atomic_directory(target, replace=True) as staging:
         report(f"Saving the merged model ({dtype})")
         _write_model(merged, tokenizer, staging, max_shard_size)
         del merged
         gc.collect()
         report("Checking the saved model against base + adapter")
         max_diff, tolerance = _verify(staging, inputs, reference, dtype, trust)
-        _install(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
     result = MergeResult(
         output=target.resolve(),
@@ -205,12 +129,7 @@ def merge_task(
         tolerance=tolerance,
         base_model=base_name,
     )
-    update_meta(
-        task_dir,
-        status="merged",
-        merged_path=_meta_path(target, task_dir),
-        merge=result.to_meta(),
-    )
+    task.update(status="merged", merged_path=_meta_path(target, task.path), merge=result.to_meta())
     return result
 
 
@@ -275,8 +194,6 @@ def _apply_adapter(model: Any, adapter_dir: Path, base_name: str) -> Any:
 
 
 def _merge(model: Any, tokenizer: Any) -> Any:
-    from .chat import stop_token_ids
-
     try:
         merged = model.merge_and_unload(safe_merge=True)
     except ValueError as exc:  # safe_merge found NaNs: the adapter is broken
@@ -337,29 +254,6 @@ def _verify(
     return max_diff, tolerance
 
 
-def _install(staging: Path, target: Path) -> None:
-    """Rename the finished folder into place; an old one is kept until the new one is there."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    old = _sibling(target, "old")
-    os.replace(target, old / target.name)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        os.replace(old / target.name, target)  # if this fails too, the old model stays in `old`
-        old.rmdir()
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _sibling(target: Path, kind: str) -> Path:
-    """A new hidden folder next to ``target`` (same file system, so renames are atomic)."""
-    folder = target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
-    folder.mkdir()
-    return folder
-
-
 def _folder_size(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
@@ -368,9 +262,3 @@ def _meta_path(target: Path, task_dir: Path) -> str:
     with contextlib.suppress(ValueError):
         return str(target.resolve().relative_to(task_dir.resolve()))
     return str(target.resolve())
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message, for one-line errors."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

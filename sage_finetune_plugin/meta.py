@@ -11,16 +11,14 @@ hold only those still load. Keys this version does not know are kept as they are
 ``metrics`` holds what training measured; the keys the other commands read are
 ``global_step``, ``epochs``, ``train_loss`` (last logged), ``eval_loss``, ``loss_history``
 (list of ``{"step", "loss"}``), ``tokens_per_second``, ``wall_time_s`` and
-``peak_memory_bytes``.
+``peak_memory_bytes``. ``progress`` is rewritten at every logging step of a run (``step``,
+``max_steps``, ``loss``, ``tokens_per_second``, ``updated_at``), so ``list`` can show it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,7 +26,7 @@ from typing import Any
 
 from ._version import __version__
 from .errors import MetaError
-from .paths import META_FILENAME
+from .paths import META_FILENAME, atomic_write_text
 
 SCHEMA_VERSION = 1
 STATUSES = ("prepared", "training", "interrupted", "failed", "trained", "merged")
@@ -36,29 +34,6 @@ STATUSES = ("prepared", "training", "interrupted", "failed", "trained", "merged"
 
 def now_iso() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; use the usual file mode
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @dataclass
@@ -87,6 +62,8 @@ class TaskMeta:
     data_stats: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: The latest state of the run in progress (or of the last run): step, loss, speed.
+    progress: dict[str, Any] = field(default_factory=dict)
     adapter_path: str | None = None
     merged_path: str | None = None
     #: What ``merge`` recorded: dtype, size in bytes, checkpoint, logits check.
@@ -172,6 +149,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "data_stats": dict,
     "training": dict,
     "metrics": dict,
+    "progress": dict,
     "adapter_path": str,
     "merged_path": str,
     "merge": dict,
@@ -226,57 +204,3 @@ def update_meta(task_dir: Path, **changes: Any) -> TaskMeta:
             raise MetaError(f"update_meta: unknown status {value!r}.")
         setattr(meta, key, value)
     return save_meta(task_dir, meta)
-
-
-# --- listing ---------------------------------------------------------------------------------
-
-
-@dataclass
-class TaskEntry:
-    """One task found under the root: its meta, or why it could not be read."""
-
-    name: str
-    path: Path
-    meta: TaskMeta | None
-    error: str | None = None
-
-    def summary(self) -> dict[str, Any]:
-        """The row `sage finetune list` shows (and prints with --json)."""
-        if self.meta is None:
-            return {
-                "name": self.name,
-                "path": str(self.path),
-                "status": "broken",
-                "error": self.error,
-            }
-        m = self.meta
-        adapter = m.path(self.path, m.adapter_path)
-        merged = m.path(self.path, m.merged_path)
-        return {
-            "name": self.name,
-            "path": str(self.path),
-            "status": m.status,
-            "model": m.model,
-            "format": m.format,
-            "samples": m.num_samples,
-            "steps": m.steps,
-            "train_loss": m.last_train_loss,
-            "adapter": bool(adapter and adapter.exists()),
-            "merged": bool(merged and merged.exists()),
-            "updated": m.updated_at,
-        }
-
-
-def scan_tasks(root: Path) -> list[TaskEntry]:
-    """Every task directly under ``root``, sorted by name; unreadable metas are kept as broken."""
-    if not root.is_dir():
-        return []
-    entries = []
-    for child in sorted(root.iterdir(), key=lambda p: p.name):
-        if not child.is_dir() or child.name.startswith(".") or not meta_path(child).exists():
-            continue
-        try:
-            entries.append(TaskEntry(child.name, child, load_meta(child)))
-        except MetaError as exc:
-            entries.append(TaskEntry(child.name, child, None, str(exc)))
-    return entries

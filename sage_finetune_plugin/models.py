@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import DEFAULT_MODEL, LARGE_MODEL, SMALL_MODEL
 from .errors import ModelError
-from .paths import cache_dir
+from .paths import atomic_directory, cache_dir
+from .templates import ensure_chat_template
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -116,6 +115,21 @@ def load_tokenizer(
     return tokenizer
 
 
+def load_adapter_tokenizer(
+    adapter: Path, base_name: str, *, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """The tokenizer training saved beside an adapter (it may carry added tokens), else the
+    base model's; with a chat template either way (the fallback layout when it has none)."""
+    if (Path(adapter) / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(adapter, trust_remote_code=trust_remote_code)
+    else:
+        tokenizer = load_tokenizer(base_name, trust_remote_code=trust_remote_code)
+    ensure_chat_template(tokenizer)
+    return tokenizer
+
+
 def model_config(name_or_path: str, *, trust_remote_code: bool = False) -> PretrainedConfig:
     """The model's configuration only (no weights, no conversion, no weight download).
 
@@ -132,7 +146,7 @@ def model_config(name_or_path: str, *, trust_remote_code: bool = False) -> Pretr
         return load(local)
     if name_or_path == EMBEDDED_MODEL:
         converted = _embedded_target()
-        if _is_model_dir(converted):
+        if is_model_dir(converted):
             return load(converted)
         gguf = embedded_gguf()
         if gguf is not None:
@@ -165,7 +179,7 @@ def embedded_gguf() -> Path | None:
 def embedded_model_dir() -> Path:
     """The converted embedded model, converting the GGUF once if needed (about 30 s)."""
     target = _embedded_target()
-    if _is_model_dir(target):
+    if is_model_dir(target):
         return target
     gguf = embedded_gguf()
     if gguf is None:
@@ -181,16 +195,13 @@ def embedded_model_dir() -> Path:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target.parent / f".{target.name}.lock")):
-        if _is_model_dir(target):  # another process converted it while we waited
+        if is_model_dir(target):  # another process converted it while we waited
             return target
-        _remove_leftovers(target)
-        work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        work.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
-        try:
+        for stale in target.parent.glob(f".{target.name}.*"):  # of a killed conversion
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+        with atomic_directory(target, replace=True) as work:
             _convert_gguf(gguf, work)
-            os.replace(work, target)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
     return target
 
 
@@ -200,15 +211,7 @@ def _embedded_target() -> Path:
 
 def _embedded_available() -> bool:
     """Converted already, or convertible from the installed GGUF."""
-    return _is_model_dir(_embedded_target()) or embedded_gguf() is not None
-
-
-def _remove_leftovers(target: Path) -> None:
-    """Drop an incomplete target and temp folders of crashed conversions (under the lock)."""
-    if target.exists():
-        shutil.rmtree(target)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    return is_model_dir(_embedded_target()) or embedded_gguf() is not None
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -275,7 +278,7 @@ def _from_hf_cache(repo_id: str) -> Path | None:
         folder = Path(snapshot_download(repo_id, local_files_only=True))
     except (HFValidationError, LocalEntryNotFoundError, OSError):
         return None
-    return folder if _is_model_dir(folder) else None
+    return folder if is_model_dir(folder) else None
 
 
 def _download(repo_id: str) -> Path:
@@ -307,7 +310,7 @@ def _not_found_message(name: str) -> str:
     )
 
 
-def _is_model_dir(folder: Path) -> bool:
+def is_model_dir(folder: Path) -> bool:
     return (folder / "config.json").is_file() and _has_weights(folder)
 
 

@@ -1,13 +1,23 @@
-"""Where tasks and caches live. The one resolver every command uses.
+"""Where tasks and caches live, what a task directory holds, and how files get there.
 
 The task root is ``--root`` if given, else ``$SAGE_FINETUNE_HOME``, else ``./finetune_output``.
 A task is a directory holding ``finetune_meta.json``; commands take a task name (looked up
 under the root) or a path to such a directory.
+
+Everything the plugin writes is written atomically: a file through ``atomic_write_text``
+(temp file + ``os.replace``), a folder through ``atomic_directory`` (built in a hidden sibling,
+renamed into place when complete). A crash or Ctrl-C never leaves half a file or folder, and
+an existing one is only replaced by a complete new one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import TaskError
@@ -22,6 +32,11 @@ CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"
 LOSS_PLOT = "loss.png"
 MERGED_DIR = "merged"
+LOCK_FILE = ".lock"
+#: Written by `sage finetune cancel`: the run stops at the end of its current step.
+CANCEL_FILE = ".cancel"
+#: Where a multi-process run writes the config every rank trains with.
+LAUNCH_CONFIG = ".launch/config.json"
 HOME_ENV = "SAGE_FINETUNE_HOME"
 CACHE_ENV = "SAGE_FINETUNE_CACHE"
 DEFAULT_ROOT = "finetune_output"
@@ -109,3 +124,91 @@ def resolve_task(ref: str, root: str | os.PathLike[str] | None = None) -> Path:
         f"Task {ref!r} not found under {base} (no {ref}/{META_FILENAME}). "
         "See `sage finetune list`, or create it with `sage finetune quickstart`."
     )
+
+
+# --- atomic writes -----------------------------------------------------------------------------
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new file, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; use the usual file mode
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path, *, replace: bool = False) -> Iterator[Path]:
+    """Build a folder in a hidden sibling of ``target`` and rename it into place on success.
+
+    The ``with`` block fills the yielded folder. When it ends without an exception the folder
+    becomes ``target``: a missing or empty ``target`` is simply replaced; an existing one only
+    with ``replace=True`` (it is moved aside, the new one renamed in, the old one removed, so
+    ``target`` is always either complete old or complete new). On an exception, Ctrl-C
+    included, the partial folder is removed and ``target`` is left as it was. If another
+    process installed ``target`` meanwhile and ``replace`` is false, that one is kept.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = _hidden_sibling(target, "tmp")
+    try:
+        yield staging
+        _install(staging, target, replace)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_tree(target: Path) -> None:
+    """Remove a folder so that it disappears at once: renamed aside first, then deleted."""
+    target = Path(target)
+    if not target.exists():
+        return
+    aside = _hidden_sibling(target, "old")
+    os.replace(target, aside / target.name)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _install(staging: Path, target: Path, replace: bool) -> None:
+    with contextlib.suppress(OSError):  # an empty leftover folder is not worth keeping
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+    try:
+        os.rename(staging, target)  # fails if target exists (a non-empty folder)
+        return
+    except OSError:
+        if not target.exists():
+            raise
+        if not replace:
+            return  # another process installed the same thing first: keep it
+    aside = _hidden_sibling(target, "old")
+    os.replace(target, aside / target.name)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(aside / target.name, target)
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _hidden_sibling(target: Path, kind: str) -> Path:
+    """A new hidden folder next to ``target`` (same file system, so renames are atomic)."""
+    folder = target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+    folder.mkdir()
+    return folder

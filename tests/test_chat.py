@@ -8,40 +8,33 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from lora_task import ANSWER, QUESTION, copy_task, make_task
 from transformers import AutoTokenizer
 
-from sage_finetune_plugin.chat import (
-    FALLBACK_TEMPLATE,
-    ChatSession,
-    end_of_turn_id,
-    ensure_chat_template,
-    load_chat_model,
-    stop_token_ids,
-)
+from sage_finetune_plugin.chat import ChatSession, load_chat_model
 from sage_finetune_plugin.cli import finetune
 from sage_finetune_plugin.data import format_conversation_sample
 from sage_finetune_plugin.errors import ModelError, TaskError
 from sage_finetune_plugin.merge import merge_task
 from sage_finetune_plugin.meta import TaskMeta, save_meta
+from sage_finetune_plugin.templates import (
+    FALLBACK_TEMPLATE,
+    end_of_turn_id,
+    ensure_chat_template,
+    stop_token_ids,
+)
 
-from conftest import run_cli
+from conftest import ANSWER, QUESTION, run_cli
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_task(tmp_path_factory.mktemp("trained"), tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def tuned(trained: Path):
+def tuned(trained_task_template: Path):
     """The fine-tuned model (base + adapter), loaded once for the session tests."""
-    return load_chat_model(trained)
+    return load_chat_model(trained_task_template)
 
 
 @pytest.fixture
-def task(trained: Path, tmp_path: Path) -> Path:
-    return copy_task(trained, tmp_path / "root")
+def task(trained_task: Path) -> Path:
+    return trained_task
 
 
 def chat(task: Path, *args: str, input: str | None = None):

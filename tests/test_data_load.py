@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sage_finetune_plugin.data import load_training_data, resolve_format
-from sage_finetune_plugin.errors import DataError, UsageProblem
+from sage_finetune_plugin.errors import ConfigError, DataError
 
 ALPACA = [
     {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
@@ -141,7 +141,7 @@ def test_forced_format_and_aliases(tmp_path: Path) -> None:
     assert forced.format == "text" and forced.dataset[0]["messages"][0]["content"] == "rendered"
     assert resolve_format("sharegpt") == "conversation"
     assert resolve_format("instruction") == "alpaca"
-    with pytest.raises(UsageProblem, match="Unknown data format 'yaml'"):
+    with pytest.raises(ConfigError, match="Unknown data format 'yaml'"):
         load_training_data(path, format="yaml")
 
 

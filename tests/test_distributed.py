@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from trainer_task import make_task
 
 from sage_finetune_plugin.cli import finetune
-from sage_finetune_plugin.launch import LaunchOptions, launch_command
 from sage_finetune_plugin.locks import RunLock
 from sage_finetune_plugin.meta import load_meta
+from sage_finetune_plugin.training.launch import LaunchOptions, launch_command
 
 from conftest import run_cli
 
@@ -23,8 +22,8 @@ CONFIG = Path("/tasks/demo/.launch/config.json")
 
 
 @pytest.fixture
-def task(tiny_model_dir: Path, tmp_path: Path) -> Path:
-    return make_task(tmp_path / "root", tiny_model_dir, save_steps=4)
+def task(make_prepared_task) -> Path:
+    return make_prepared_task(save_steps=4)
 
 
 def invoke(*args: str):

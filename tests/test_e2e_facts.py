@@ -47,7 +47,7 @@ def ask(task: Path, question: str, *flags: str) -> str:
 
 
 def test_fine_tuned_model_learns_facts_the_base_model_cannot_know(tmp_path: Path) -> None:
-    from sage_finetune_plugin.trainer import train_from_meta
+    from sage_finetune_plugin.runs import train_from_meta
 
     data = tmp_path / "facts.jsonl"
     records = [{"question": q, "answer": f"{a}."} for q, a in FACTS.items()] * 4

@@ -49,12 +49,13 @@ def test_table_shows_every_column(tmp_path):
         "SAMPLES",
         "STEPS",
         "LOSS",
+        "TOK/S",
         "ADAPTER",
         "MERGED",
         "UPDATED",
     ]
     code = lines[1].split()
-    assert code[:9] == [
+    assert code[:10] == [
         "code",
         "trained",
         "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -62,6 +63,7 @@ def test_table_shows_every_column(tmp_path):
         "120",
         "60",
         "1.2346",
+        "-",
         "yes",
         "no",
     ]

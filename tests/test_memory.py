@@ -10,14 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from sage_finetune_plugin.config import SMALL_MODEL, LoRAConfig, PresetConfigs, TrainingConfig
-from sage_finetune_plugin.memory import (
-    GIB,
-    GPU_PRESETS,
-    choose_preset,
-    estimate_memory,
-    fits,
-)
+from sage_finetune_plugin.config import SMALL_MODEL, LoRAConfig, TrainingConfig
+from sage_finetune_plugin.presets import GPU_PRESETS, PresetConfigs, choose_preset
+from sage_finetune_plugin.training.memory import GIB, estimate_memory, fits
+from sage_finetune_plugin.training.runtime import Hardware
 
 #: Largest accepted relative error of the estimated peak RSS against the measured one.
 RSS_TOLERANCE = 0.25
@@ -31,7 +27,7 @@ def status(key):
         return next(int(line.split()[1]) for line in lines if line.startswith(key + ":"))
 start = status("VmRSS")
 from sage_finetune_plugin.config import TrainingConfig
-from sage_finetune_plugin.trainer import LoRATrainer
+from sage_finetune_plugin.training.recipe import LoRATrainer
 LoRATrainer(TrainingConfig.from_dict(json.loads(sys.argv[1]))).train()
 print(json.dumps({"start": start, "peak": status("VmHWM")}))
 """
@@ -164,14 +160,13 @@ def test_choose_preset_takes_the_largest_preset_that_fits(gib: int) -> None:
 
 
 def test_choose_preset_uses_the_given_model_and_cpu_without_gpu(tiny_model_dir: Path) -> None:
-    import torch
-
     name, estimate = choose_preset(str(tiny_model_dir), device_memory=8 * GIB)
     assert estimate.model_name == str(tiny_model_dir)
     assert name == GPU_PRESETS[0]  # a tiny model fits any preset
-    if not torch.cuda.is_available():
-        name, estimate = choose_preset()
-        assert (name, estimate.device) == ("cpu", "cpu")
+    gpu = Hardware(cuda=True, cuda_bf16=True, cuda_memory=8 * GIB)
+    assert choose_preset(str(tiny_model_dir), hardware=gpu)[0] == GPU_PRESETS[0]
+    name, estimate = choose_preset(hardware=Hardware())
+    assert (name, estimate.device) == ("cpu", "cpu")
 
 
 @linux_only

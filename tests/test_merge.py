@@ -10,28 +10,25 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from lora_task import copy_task, fact_batch, make_task, train_adapter
 from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sage_finetune_plugin import merge
+from sage_finetune_plugin.checkpoints import complete_checkpoints
 from sage_finetune_plugin.cli import finetune
-from sage_finetune_plugin.errors import LockError, MergeError
+from sage_finetune_plugin.errors import LockError, MergeError, TaskError
 from sage_finetune_plugin.locks import RunLock
-from sage_finetune_plugin.merge import complete_checkpoints, find_adapter, merge_task
+from sage_finetune_plugin.merge import merge_task
 from sage_finetune_plugin.meta import load_meta
+from sage_finetune_plugin.task import Task
 
-
-@pytest.fixture(scope="module")
-def trained(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_task(tmp_path_factory.mktemp("trained"), tiny_model_dir)
+from conftest import build_trained_task, fact_batch, train_adapter
 
 
 @pytest.fixture
-def task(trained: Path, tmp_path: Path) -> Path:
-    """A private copy of the trained task under ``tmp_path / 'root'``."""
-    return copy_task(trained, tmp_path / "root")
+def task(trained_task: Path) -> Path:
+    return trained_task
 
 
 def logits(model, tokenizer) -> torch.Tensor:
@@ -119,7 +116,7 @@ def test_bf16_merge_halves_the_weights(task: Path) -> None:
 def test_adapter_trained_in_4bit_merges_into_full_precision(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    task = make_task(tmp_path, tiny_model_dir, "qlora", load_in_4bit=True)
+    task = build_trained_task(tmp_path, tiny_model_dir, "qlora", load_in_4bit=True)
     assert load_meta(task).training["load_in_4bit"] is True
 
     result = merge_task(task.name, root=tmp_path)
@@ -144,17 +141,17 @@ def test_checkpoints_are_chosen_by_number(task: Path, tiny_model_dir: Path) -> N
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     # checkpoint-20 was cut off while saving: the Trainer writes its state last.
     (checkpoints / "checkpoint-20" / "trainer_state.json").unlink()
-    meta = load_meta(task)
+    handle = Task(task)
 
-    assert [step for step, _ in complete_checkpoints(task)] == [9, 10]
-    assert find_adapter(task, meta, "latest") == (checkpoints / "checkpoint-10", "checkpoint-10")
-    assert find_adapter(task, meta, "9") == (checkpoints / "checkpoint-9", "checkpoint-9")
-    assert find_adapter(task, meta, 10)[1] == "checkpoint-10"
-    assert find_adapter(task, meta, "final") == (task / "adapter", "final")
-    with pytest.raises(MergeError, match=r"no checkpoint-7; available: 9, 10"):
-        find_adapter(task, meta, "7")
-    with pytest.raises(MergeError, match="final, latest or a step number"):
-        find_adapter(task, meta, "newest")
+    assert [step for step, _ in complete_checkpoints(checkpoints)] == [9, 10]
+    assert handle.find_adapter("latest") == (checkpoints / "checkpoint-10", "checkpoint-10")
+    assert handle.find_adapter("9") == (checkpoints / "checkpoint-9", "checkpoint-9")
+    assert handle.find_adapter(10)[1] == "checkpoint-10"
+    assert handle.find_adapter("final") == (task / "adapter", "final")
+    with pytest.raises(TaskError, match=r"no checkpoint-7; available: 9, 10"):
+        handle.find_adapter("7")
+    with pytest.raises(TaskError, match="final, latest or a step number"):
+        handle.find_adapter("newest")
 
     result = merge_task(task.name, root=task.parent, checkpoint="latest")
     assert result.checkpoint == "checkpoint-10"
@@ -165,9 +162,9 @@ def test_task_without_adapter_says_run_training_first(task: Path) -> None:
     import shutil
 
     shutil.rmtree(task / "adapter")
-    with pytest.raises(MergeError, match=f"run training first: sage finetune run {task}"):
+    with pytest.raises(TaskError, match=f"run training first: sage finetune run {task}"):
         merge_task(task.name, root=task.parent)
-    with pytest.raises(MergeError, match="no complete checkpoint"):
+    with pytest.raises(TaskError, match="no complete checkpoint"):
         merge_task(task.name, root=task.parent, checkpoint="latest")
     assert not (task / "merged").exists()
 

@@ -10,7 +10,7 @@ import pytest
 
 from sage_finetune_plugin import meta as meta_mod
 from sage_finetune_plugin.errors import MetaError, TaskError
-from sage_finetune_plugin.meta import TaskMeta, load_meta, save_meta, scan_tasks, update_meta
+from sage_finetune_plugin.meta import TaskMeta, load_meta, save_meta, update_meta
 from sage_finetune_plugin.paths import (
     META_FILENAME,
     cache_dir,
@@ -19,6 +19,7 @@ from sage_finetune_plugin.paths import (
     task_root,
     validate_task_name,
 )
+from sage_finetune_plugin.task import scan_tasks
 
 # What the original SAGE tool wrote, and nothing else.
 ORIGINAL_META = {

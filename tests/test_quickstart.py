@@ -11,10 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 from sage_finetune_plugin.cli import finetune
-from sage_finetune_plugin.config import PresetConfigs, TrainingConfig
+from sage_finetune_plugin.config import TrainingConfig
+from sage_finetune_plugin.data.code import MAX_FILE_BYTES, build_code_dataset
 from sage_finetune_plugin.errors import DataError
 from sage_finetune_plugin.meta import load_meta
-from sage_finetune_plugin.tasks import MAX_FILE_BYTES, build_code_dataset
+from sage_finetune_plugin.presets import PresetConfigs
 
 from conftest import ASSETS, run_cli
 
@@ -286,7 +287,9 @@ def test_preview_marks_the_prompt(tmp_path: Path, tiny_model_dir: Path) -> None:
 def test_the_trainer_reuses_the_quickstart_cache(tmp_path: Path, tiny_model_dir: Path) -> None:
     from sage_finetune_plugin.data import prepare_dataset
     from sage_finetune_plugin.models import load_tokenizer
-    from sage_finetune_plugin.trainer import PREPARED_CACHE, task_config
+    from sage_finetune_plugin.paths import PREPARED_CACHE
+    from sage_finetune_plugin.runs import RunOptions, resolve_config
+    from sage_finetune_plugin.task import Task
 
     data = write_jsonl(tmp_path / "qa.jsonl", QA)
     assert (
@@ -294,7 +297,7 @@ def test_the_trainer_reuses_the_quickstart_cache(tmp_path: Path, tiny_model_dir:
         == 0
     )
     task = Path("finetune_output/qa").resolve()
-    config = task_config(task)
+    config = resolve_config(Task(task), RunOptions())
     prepared = prepare_dataset(
         config.data_path,
         load_tokenizer(config.model_name),

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from trainer_task import make_task
 
 from sage_finetune_plugin.cli import finetune
 from sage_finetune_plugin.meta import load_meta, update_meta
@@ -17,8 +16,8 @@ from conftest import run_cli
 
 
 @pytest.fixture
-def task(tiny_model_dir: Path, tmp_path: Path) -> Path:
-    return make_task(tmp_path / "root", tiny_model_dir)
+def task(prepared_task: Path) -> Path:
+    return prepared_task
 
 
 def invoke(*args: str):

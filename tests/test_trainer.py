@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_task import make_task, records, tiny_config, write_data
 from transformers import TrainerCallback
 
-from sage_finetune_plugin.config import LoRAConfig, PresetConfigs, TrainingConfig
+from sage_finetune_plugin.checkpoints import latest_checkpoint, list_checkpoints
+from sage_finetune_plugin.config import LoRAConfig, TrainingConfig
 from sage_finetune_plugin.errors import (
     ConfigError,
     LockError,
@@ -26,8 +26,13 @@ from sage_finetune_plugin.errors import (
 )
 from sage_finetune_plugin.locks import RunLock
 from sage_finetune_plugin.meta import load_meta
-from sage_finetune_plugin.trainer import LoRATrainer, task_config, train_from_meta
-from sage_finetune_plugin.training_utils import latest_checkpoint, list_checkpoints, resolve_runtime
+from sage_finetune_plugin.presets import PresetConfigs
+from sage_finetune_plugin.runs import RunOptions, resolve_config, train_from_meta
+from sage_finetune_plugin.task import Task
+from sage_finetune_plugin.training.recipe import LoRATrainer
+from sage_finetune_plugin.training.runtime import Hardware, resolve_runtime
+
+from conftest import records, tiny_config, write_data
 
 PROJECTIONS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
@@ -166,11 +171,9 @@ def test_subclass_can_replace_a_step(tiny_model_dir: Path, tmp_path: Path) -> No
 
 
 def test_train_from_meta_uses_the_recorded_hyperparameters(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, make_prepared_task
 ) -> None:
-    task_dir = make_task(
-        tmp_path, tiny_model_dir, lora=LoRAConfig(r=4, lora_alpha=8), learning_rate=2e-3
-    )
+    task_dir = make_prepared_task(lora=LoRAConfig(r=4, lora_alpha=8), learning_rate=2e-3)
     recorded = (task_dir / "training_config.json").read_text()
 
     result = train_from_meta(task_dir, max_steps=3)
@@ -183,8 +186,12 @@ def test_train_from_meta_uses_the_recorded_hyperparameters(
     assert (task_dir / "training_config.json").read_text() == recorded  # the input is kept
 
 
-def test_task_config_sources(tiny_model_dir: Path, tmp_path: Path) -> None:
-    task_dir = make_task(tmp_path, tiny_model_dir, learning_rate=1e-3)
+def task_config(task_dir: Path, preset: str | None = None, **overrides) -> TrainingConfig:
+    return resolve_config(Task(task_dir), RunOptions(preset=preset, overrides=overrides))
+
+
+def test_task_config_sources(tiny_model_dir: Path, tmp_path: Path, make_prepared_task) -> None:
+    task_dir = make_prepared_task(learning_rate=1e-3)
     assert task_config(task_dir).learning_rate == 1e-3
     assert task_config(task_dir).data_path == str(task_dir / "data" / "train.jsonl")
 
@@ -229,10 +236,11 @@ class InterruptAt(TrainerCallback):
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, make_prepared_task
 ) -> None:
-    task_dir = make_task(tmp_path, tiny_model_dir, max_steps=8, save_steps=100)
+    task_dir = make_prepared_task(max_steps=8, save_steps=100)
 
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when started in the background
     with pytest.raises(TrainingInterrupted, match="--resume") as caught:
         train_from_meta(task_dir, callbacks=[InterruptAt(3)])
     assert caught.value.exit_code == 130
@@ -242,7 +250,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(
     checkpoint = latest_checkpoint(task_dir / "checkpoints")
     assert checkpoint == task_dir / "checkpoints" / f"checkpoint-{stopped}"
     assert not (task_dir / "adapter").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # the handler from before is restored
 
     result = train_from_meta(task_dir, resume=True)
     assert result.metrics["resumed_from_step"] == stopped
@@ -252,9 +260,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(
 
 @pytest.mark.slow
 def test_resume_after_kill_9_continues_from_the_checkpoint(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, make_prepared_task
 ) -> None:
-    task_dir = make_task(tmp_path, tiny_model_dir, max_steps=150, save_steps=5, logging_steps=5)
+    task_dir = make_prepared_task(max_steps=150, save_steps=5, logging_steps=5)
     proc = subprocess.Popen(
         [sys.executable, "-m", "sage_finetune_plugin.trainer", str(task_dir)],
         stdout=subprocess.DEVNULL,
@@ -306,16 +314,32 @@ def test_out_of_memory_says_what_to_lower(
     assert not (tmp_path / "task" / ".lock").exists()
 
 
-def test_cpu_precision_and_optimizer_fallbacks() -> None:
-    if torch.cuda.is_available():
-        pytest.skip("checks the CPU rules")
-    runtime = resolve_runtime(TrainingConfig())
+def test_runtime_policy_on_a_cpu() -> None:
+    cpu = Hardware()
+    runtime = resolve_runtime(TrainingConfig(), cpu)
     assert (runtime.device, runtime.fp16, runtime.bf16) == ("cpu", False, False)
-    assert resolve_runtime(TrainingConfig(bf16=True)).dtype_name == "bfloat16"
+    assert runtime.quantization is None
+    assert resolve_runtime(TrainingConfig(bf16=True), cpu).dtype_name == "bfloat16"
     with pytest.raises(ConfigError, match="fp16 mixed precision needs a CUDA GPU"):
-        resolve_runtime(TrainingConfig(fp16=True))
-    paged = resolve_runtime(PresetConfigs.minimal())
+        resolve_runtime(TrainingConfig(fp16=True), cpu)
+    paged = resolve_runtime(PresetConfigs.minimal(), cpu)
     assert paged.optim == "adamw_bnb_8bit" and paged.notes
+    assert paged.quantization == "4bit"
+
+
+def test_runtime_policy_on_gpus_and_apple() -> None:
+    gpu = Hardware.assumed("cuda")
+    assert resolve_runtime(TrainingConfig(), gpu).dtype_name == "bfloat16"
+    assert resolve_runtime(PresetConfigs.minimal(), gpu).optim == "paged_adamw_8bit"
+    old_gpu = Hardware(cuda=True, cuda_bf16=False)
+    assert resolve_runtime(TrainingConfig(), old_gpu).dtype_name == "float16"
+    with pytest.raises(ConfigError, match="does not support bf16"):
+        resolve_runtime(TrainingConfig(bf16=True), old_gpu)
+    apple = Hardware.assumed("mps")
+    assert resolve_runtime(TrainingConfig(), apple).device == "mps"
+    quantized = resolve_runtime(PresetConfigs.minimal(), apple)
+    assert quantized.device == "cpu" and any("MPS" in note for note in quantized.notes)
+    assert resolve_runtime(TrainingConfig(optim="adamw_bnb_8bit"), apple).optim == "adamw_torch"
 
 
 def test_latest_checkpoint_is_numeric_and_complete(tmp_path: Path) -> None:
@@ -331,8 +355,10 @@ def test_latest_checkpoint_is_numeric_and_complete(tmp_path: Path) -> None:
     assert latest_checkpoint(folder) == folder / "checkpoint-900"
 
 
-def test_a_live_lock_refuses_a_second_run(tiny_model_dir: Path, tmp_path: Path) -> None:
-    task_dir = make_task(tmp_path, tiny_model_dir)
+def test_a_live_lock_refuses_a_second_run(
+    tiny_model_dir: Path, tmp_path: Path, make_prepared_task
+) -> None:
+    task_dir = make_prepared_task()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         (task_dir / ".lock").write_text(

@@ -1,45 +1,26 @@
-"""Quickstart: build a task directory from a Python code base or from the user's own data.
+"""Datasets from code: instruction records derived from a Python code base with ``ast``.
 
-``build_code_dataset`` reads a code base with ``ast`` and derives instruction records whose
-answers come from the code itself: what a documented function or class does (its docstring),
+Answers come from the code itself: what a documented function or class does (its docstring),
 writing a function from its signature and docstring (its source), what a module contains.
-``quickstart`` writes ``<root>/<task>/`` (data/train.jsonl, training_config.json,
-finetune_meta.json and the tokenized-data cache) in a temporary directory next to it and
-swaps it in at the end, so a failure never leaves half a task or loses the old one.
+Hidden, VCS, virtual-environment, build and cache folders, secret-looking files, generated,
+unparsable, non-UTF-8, oversized and duplicate files are skipped; the order is deterministic.
 """
 
 from __future__ import annotations
 
 import ast
-import contextlib
 import hashlib
 import json
 import os
 import re
-import shutil
 import textwrap
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import PresetConfigs, TrainingConfig
-from .data import DataStats, LoadedData, load_training_data, prepare_dataset, preview_samples
-from .errors import DataError, ModelError, TaskError, UsageProblem
-from .locks import RunLock
-from .meta import TaskMeta, save_meta
-from .paths import CONFIG_FILE, DATASET_FILE, META_FILENAME, PREPARED_CACHE, new_task_dir
-
-#: Task types and the data format each expects (None: detected).
-TASK_TYPES: dict[str, str | None] = {
-    "code": "alpaca",
-    "qa": "qa",
-    "instruction": "alpaca",
-    "chat": "conversation",
-    "custom": None,
-}
+from ..errors import DataError
 
 #: Folders never scanned for code: environments, build output, caches, our own output.
 SKIPPED_DIRS = {
@@ -291,220 +272,3 @@ def _listing(title: str, node: ast.ClassDef | _Def) -> str:
 def _signature(node: _Def) -> str:
     returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
     return f"{node.name}({ast.unparse(node.args)}){returns}"
-
-
-# --- quickstart --------------------------------------------------------------------------------
-
-
-@dataclass
-class QuickstartResult:
-    """The task quickstart wrote and what it found on the way."""
-
-    task_dir: Path
-    meta: TaskMeta
-    config: TrainingConfig
-    records_read: int
-    records_kept: int
-    dropped: dict[str, int]
-    stats: DataStats | None
-    code: CodeDataset | None = None
-    preview: list[list[tuple[str, bool]]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    replaced: bool = False
-
-
-def quickstart(
-    task_type: str,
-    *,
-    data: str | os.PathLike[str] | None = None,
-    source: str | os.PathLike[str] | None = None,
-    name: str | None = None,
-    data_format: str | None = None,
-    skip_invalid: bool = False,
-    model: str | None = None,
-    preset: str = "auto",
-    force: bool = False,
-    root: str | os.PathLike[str] | None = None,
-    preview: int = 0,
-    on_status: Callable[[str], None] | None = None,
-) -> QuickstartResult:
-    """Create ``<root>/<name>`` (default name: the task type) ready for ``sage finetune run``.
-
-    ``code`` builds its data from ``source`` (default: the current directory); the other
-    types read ``data`` (``qa``, ``instruction`` and ``chat`` force their format unless
-    ``data_format`` is given; ``custom`` detects it). The model's tokenizer, when it can be
-    loaded, tokenizes the data once: that fills the statistics, the preview and the cache
-    that ``run`` reuses. An existing task is replaced only with ``force``. ``on_status``
-    receives progress lines.
-    """
-    _check_arguments(task_type, data, source, data_format)
-    target = new_task_dir(name or task_type, root)
-    _check_target(target, force)
-    config = PresetConfigs.get(preset)
-    model_name = model or config.model_name
-
-    code = build_code_dataset(source or ".") if task_type == "code" else None
-    if code is not None:
-        loaded = load_training_data(code.records, "alpaca")
-    else:
-        assert data is not None
-        loaded = load_training_data(
-            data, data_format or TASK_TYPES[task_type], skip_invalid=skip_invalid
-        )
-    config = config.replace(
-        model_name=model_name, data_path=DATASET_FILE, output_dir=".", data_format=loaded.format
-    )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    building = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    building.mkdir()
-    try:
-        _write_data(building, loaded, config)
-        if on_status is not None:
-            on_status(f"Tokenizing {len(loaded)} records for {config.model_name}")
-        stats, samples, warnings = _tokenize_once(building, loaded, config, preview)
-        meta = _write_meta(building, task_type, config, loaded, stats, data, code)
-        replaced = _install(building, target)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
-    return QuickstartResult(
-        task_dir=target,
-        meta=meta,
-        config=config,
-        records_read=loaded.records_read,
-        records_kept=len(loaded),
-        dropped=loaded.dropped,
-        stats=stats,
-        code=code,
-        preview=samples,
-        warnings=warnings,
-        replaced=replaced,
-    )
-
-
-def _check_arguments(task_type: str, data: Any, source: Any, data_format: str | None) -> None:
-    if task_type not in TASK_TYPES:
-        raise UsageProblem(
-            f"Unknown task type {task_type!r}: choose one of {', '.join(TASK_TYPES)}."
-        )
-    if task_type == "code":
-        if data is not None or data_format is not None:
-            raise UsageProblem(
-                "quickstart code builds its data from --source; "
-                "for your own data use `quickstart custom --data FILE`."
-            )
-    elif data is None:
-        raise UsageProblem(f"quickstart {task_type} needs --data FILE (your training data).")
-    elif source is not None:
-        raise UsageProblem("--source is for `quickstart code` only.")
-
-
-def _check_target(target: Path, force: bool) -> None:
-    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
-        return
-    if not force:
-        raise TaskError(
-            f"Task {target.name!r} already exists at {target}; pass --force to replace it "
-            "or --name to choose another name."
-        )
-    if not (target / META_FILENAME).is_file():
-        raise TaskError(
-            f"{target} exists and is not a task directory (no {META_FILENAME}); "
-            "refusing to replace it. Choose another --name or --root."
-        )
-
-
-def _write_data(folder: Path, loaded: LoadedData, config: TrainingConfig) -> None:
-    dataset = folder / DATASET_FILE
-    dataset.parent.mkdir(parents=True)
-    with dataset.open("w", encoding="utf-8") as handle:
-        for record in loaded.records():
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    config.save(folder / CONFIG_FILE)
-
-
-def _tokenize_once(
-    folder: Path, loaded: LoadedData, config: TrainingConfig, preview: int
-) -> tuple[DataStats | None, list[list[tuple[str, bool]]], list[str]]:
-    """Statistics (records as read from the user's data), preview samples and warnings; the
-    tokenized data lands in the task's cache, where ``run`` finds it."""
-    from .models import load_tokenizer
-
-    try:
-        tokenizer = load_tokenizer(config.model_name, trust_remote_code=config.trust_remote_code)
-    except ModelError as exc:
-        return None, [], [f"Token statistics and preview skipped: {exc}"]
-    stats = prepare_dataset(
-        folder / DATASET_FILE, tokenizer, config, cache_dir=folder / PREPARED_CACHE
-    ).stats
-    stats.records_read = loaded.records_read
-    stats.dropped = {**loaded.dropped, **stats.dropped}
-    stats.drop_examples = {**loaded.drop_examples, **stats.drop_examples}
-    samples = preview_samples(
-        loaded,
-        tokenizer,
-        preview,
-        max_length=config.max_length,
-        train_on_prompt=config.train_on_prompt,
-    )
-    return stats, samples, []
-
-
-def _write_meta(
-    folder: Path,
-    task_type: str,
-    config: TrainingConfig,
-    loaded: LoadedData,
-    stats: DataStats | None,
-    data: str | os.PathLike[str] | None,
-    code: CodeDataset | None,
-) -> TaskMeta:
-    if stats is not None:
-        data_stats, samples = stats.to_dict(), stats.samples + stats.eval_samples
-    else:
-        data_stats = {
-            "records_read": loaded.records_read,
-            "records_kept": len(loaded),
-            "dropped": loaded.dropped,
-        }
-        samples = len(loaded)
-    if code is not None:
-        data_stats["code"] = code.to_dict()
-    meta = TaskMeta(
-        task_type=task_type,
-        model=config.model_name,
-        framework="peft",
-        format=loaded.format,
-        dataset=DATASET_FILE,
-        config=CONFIG_FILE,
-        output_dir=".",
-        code_root=str(code.source) if code else None,
-        data_file=str(Path(data).expanduser().resolve()) if data is not None else None,
-        preset=config.preset,
-        num_samples=samples,
-        data_stats=data_stats,
-        training=config.to_dict(),
-        status="prepared",
-    )
-    return save_meta(folder, meta)
-
-
-def _install(building: Path, target: Path) -> bool:
-    """Move the finished task into place; an old one is swapped out, then removed.
-    Returns whether an old task was replaced."""
-    if target.is_dir() and not any(target.iterdir()):
-        target.rmdir()
-    if not target.exists():
-        os.replace(building, target)
-        return False
-    with RunLock(target):  # never replace a task that is being trained
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-        try:
-            os.replace(building, target)
-        except BaseException:
-            os.replace(old, target)
-            raise
-    with contextlib.suppress(OSError):
-        shutil.rmtree(old)
-    return True

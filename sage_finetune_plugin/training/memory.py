@@ -1,4 +1,4 @@
-"""Peak-memory estimate of a LoRA / QLoRA run, and the automatic preset.
+"""Peak-memory estimate of a LoRA / QLoRA run, and whether it fits.
 
 ``estimate_memory(config)`` predicts the peak memory of training ``config`` from the model's
 configuration alone: the model is instantiated on the meta device (no weights are read or
@@ -34,8 +34,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .config import ALL_LINEAR, PresetConfigs, TrainingConfig
-from .errors import ModelError
+from ..config import ALL_LINEAR, TrainingConfig
+from ..errors import ModelError
+from .runtime import Hardware, Runtime, resolve_runtime
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -43,9 +44,8 @@ if TYPE_CHECKING:
 GIB = 2**30
 MIB = 2**20
 
-#: GPU presets from the largest to the smallest: ``choose_preset`` takes the first that fits.
-GPU_PRESETS = ("a100", "rtx_4090", "rtx_3060", "minimal")
-#: Share of the device memory kept free by ``fits`` and ``choose_preset``.
+#: Share of the device memory kept free by ``fits`` (the run's memory check, the automatic
+#: preset).
 DEFAULT_MARGIN = 0.1
 #: Resident memory of a Python process with torch, transformers, peft, datasets and a Trainer
 #: at work, on a negligible model (measured on Linux x86-64, torch 2.13 CPU: 0.54 GiB peak
@@ -145,23 +145,27 @@ def estimate_memory(
     *,
     model_config: PretrainedConfig | None = None,
     device: str | None = None,
+    hardware: Hardware | None = None,
     seq_len: int | None = None,
 ) -> MemoryEstimate:
     """Predict the peak memory of training ``config`` without loading weights.
 
-    ``model_config`` defaults to ``models.model_config(config.model_name)``; ``device``
-    ("cuda", "mps" or "cpu") to the device training would use here; ``seq_len`` (the longest
-    sample after truncation) to ``config.max_length``.
+    ``model_config`` defaults to ``models.model_config(config.model_name)``. Device and
+    precision are those the runtime policy picks for ``hardware`` (this machine when not
+    given; ``device`` "cuda", "mps" or "cpu" states a typical machine of that kind instead).
+    ``seq_len`` (the longest sample after truncation) defaults to ``config.max_length``.
     """
     if model_config is None:
-        from .models import model_config as load_model_config
+        from ..models import model_config as load_model_config
 
         model_config = load_model_config(
             config.model_name, trust_remote_code=config.trust_remote_code
         )
-    device = device or default_device(config)
+    if hardware is None and device is not None:
+        hardware = Hardware.assumed(device)
+    runtime = resolve_runtime(config, hardware)
     arch = _Architecture.of(model_config, config.trust_remote_code)
-    setting = _Setting.of(config, device, seq_len)
+    setting = _Setting.of(config, runtime, seq_len)
     lora = arch.lora_layers(config.lora.target_modules)
     trainable = sum(config.lora.r * (layer.in_features + layer.out_features) for layer in lora)
     # Bytes per token one decoder layer saves for backward, its LoRA layers included.
@@ -172,7 +176,7 @@ def estimate_memory(
     logits = _logits(arch, setting)
     return MemoryEstimate(
         model_name=config.model_name,
-        device=device,
+        device=runtime.device,
         precision=setting.precision,
         quantization=_quantization_name(config),
         batch_size=setting.batch,
@@ -183,7 +187,7 @@ def estimate_memory(
         weights=_weights(arch, setting, config),
         lora_weights=trainable * 4,
         gradients=trainable * 4,
-        optimizer_states=trainable * _optimizer_bytes(config.optim),
+        optimizer_states=trainable * _optimizer_bytes(runtime.optim),
         activations=activations,
         logits=logits,
         overhead=_overhead(arch, setting, layer, activations + logits),
@@ -195,56 +199,10 @@ def fits(estimate: MemoryEstimate, available_bytes: int, margin: float = DEFAULT
     return estimate.total * (1 + margin) <= available_bytes
 
 
-def choose_preset(
-    model_name: str | None = None,
-    device_memory: int | None = None,
-    *,
-    margin: float = DEFAULT_MARGIN,
-) -> tuple[str, MemoryEstimate]:
-    """The largest GPU preset whose estimate fits the GPU with ``margin``, and that estimate.
-
-    ``model_name`` replaces the presets' own models; ``device_memory`` (bytes) stands for the
-    memory of the CUDA device, detected when not given. Without a GPU the answer is ``cpu``.
-    When no GPU preset fits, the smallest one is returned (check it with ``fits``).
-    """
-    if device_memory is None:
-        device_memory = cuda_memory()
-        if device_memory is None:
-            return "cpu", estimate_memory(_preset("cpu", model_name))
-    estimate = None
-    for name in GPU_PRESETS:
-        estimate = estimate_memory(_preset(name, model_name), device="cuda")
-        if fits(estimate, device_memory, margin):
-            return name, estimate
-    return GPU_PRESETS[-1], estimate
-
-
-def default_device(config: TrainingConfig | None = None) -> str:
-    """The device training picks here: cuda, else mps (not for bitsandbytes), else cpu."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    quantized = config is not None and (config.load_in_4bit or config.load_in_8bit)
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available() and not quantized:
-        return "mps"
-    return "cpu"
-
-
-def cuda_memory() -> int | None:
-    """Total memory of the first CUDA device in bytes, or None without one."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    return int(torch.cuda.get_device_properties(0).total_memory)
-
-
-def available_memory(device: str) -> int:
+def available_memory(device: str, hardware: Hardware | None = None) -> int:
     """Memory a run may use on ``device``: the GPU's total, or the host's available RAM."""
     if device == "cuda":
-        total = cuda_memory()
+        total = (hardware or Hardware.detect()).cuda_memory
         if total is not None:
             return total
     import psutil
@@ -386,12 +344,13 @@ class _Setting:
     padded: bool  # batches carry a padding mask (dynamic padding of several samples)
 
     @classmethod
-    def of(cls, config: TrainingConfig, device: str, seq_len: int | None) -> _Setting:
+    def of(cls, config: TrainingConfig, runtime: Runtime, seq_len: int | None) -> _Setting:
         length = min(seq_len or config.max_length, config.max_length)
         batch = config.per_device_train_batch_size
+        device, precision = runtime.device, runtime.dtype_name
         if config.packing:  # the collator packs a batch into one row
-            return cls(device, _precision(config, device), 1, batch * length, True)
-        return cls(device, _precision(config, device), batch, length, batch > 1)
+            return cls(device, precision, 1, batch * length, True)
+        return cls(device, precision, batch, length, batch > 1)
 
     @property
     def tokens(self) -> int:
@@ -408,17 +367,6 @@ class _Setting:
         return 1 if self.device == "cuda" else self.element
 
 
-def _precision(config: TrainingConfig, device: str) -> str:
-    """The precision training_utils.resolve_runtime picks (bf16 assumed on a GPU)."""
-    if config.fp16:
-        return "float16"
-    if config.bf16:
-        return "bfloat16"
-    if device == "cuda" and not (config.fp16 is False and config.bf16 is False):
-        return "bfloat16"
-    return "float32"
-
-
 def _quantization_name(config: TrainingConfig) -> str | None:
     if config.load_in_4bit:
         double = " + double quant" if config.bnb_4bit_use_double_quant else ""
@@ -430,7 +378,7 @@ def _quantization_name(config: TrainingConfig) -> str | None:
 
 
 def _weights(arch: _Architecture, setting: _Setting, config: TrainingConfig) -> int:
-    if not (config.load_in_4bit or config.load_in_8bit):
+    if config.quantization is None:
         return arch.parameters * setting.element
     quantized = sum(layer.in_features * layer.out_features for layer in arch.linears)
     rest = (arch.parameters - quantized) * 4  # upcast to fp32 by prepare_model_for_kbit_training
@@ -498,7 +446,7 @@ def _dequantization_workspace(
     arch: _Architecture, setting: _Setting, config: TrainingConfig
 ) -> int:
     """bitsandbytes dequantizes one weight matrix at a time for the matmul."""
-    if not (config.load_in_4bit or config.load_in_8bit) or not arch.linears:
+    if config.quantization is None or not arch.linears:
         return 0
     return max(layer.in_features * layer.out_features for layer in arch.linears) * setting.element
 
@@ -515,11 +463,6 @@ def _overhead(arch: _Architecture, setting: _Setting, layer: float, dynamic: int
     if setting.device == "cuda":
         return CUDA_CONTEXT + int(dynamic * CUDA_ALLOCATOR_SLACK)
     return CPU_BASELINE + int(CPU_ALLOCATOR_RETENTION * setting.tokens * arch.layers * layer)
-
-
-def _preset(name: str, model_name: str | None) -> TrainingConfig:
-    config = PresetConfigs.get(name)
-    return config.replace(model_name=model_name) if model_name else config
 
 
 def _gib(size: int) -> str:

@@ -4,15 +4,9 @@ The launching process (``sage finetune run TASK --nproc N``) resolves the traini
 once, with every command-line override applied, and writes it to ``<task>/.launch/config.json``;
 each worker runs ``python -m sage_finetune_plugin.trainer TASK --config that-file``, so all
 ranks train exactly the same config (one source of truth). The launcher holds the run lock
-for the whole run (on node 0), so the workers do not take it.
-
-Each worker tees its output (file descriptors 1 and 2, so C++ and library logs too) to
-``<task>/logs/rank-<r>.log``; only rank 0 also shows it on the console. A worker that fails
-records its error in ``<task>/logs/rank-<r>.error.json``, and the launcher reports the first
-failure (by time: the root cause, not the ranks that then lost their peer) as one line.
-
-Nothing here imports torch at module level; the worker helpers read the environment that
-torchrun and accelerate set (RANK, WORLD_SIZE, LOCAL_WORLD_SIZE).
+for the whole run (on node 0), so the workers do not take it (see distributed.py for the
+workers' side). A failed run is reported by the first failure in time (the root cause, not
+the ranks that then lost their peer) as one line. Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -25,142 +19,21 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING
 
-from .errors import ConfigError, FinetuneError, TrainingError, TrainingInterrupted, UsageProblem
-from .locks import RunLock
-from .paths import ADAPTER_DIR, LOGS_DIR
+from ..errors import ConfigError, FinetuneError, TrainingError, TrainingInterrupted, UsageProblem
+from ..paths import LAUNCH_CONFIG, LOGS_DIR
+from .distributed import LAUNCHED_ENV, error_record, rank_log
+from .metrics import TrainResult
 
 if TYPE_CHECKING:
-    from .config import TrainingConfig
-    from .trainer import TrainResult
+    from ..config import TrainingConfig
+    from ..task import Task
+    from .runtime import Hardware
 
-#: Set by the launcher in the workers' environment: the run lock is held by the launcher.
-LAUNCHED_ENV = "SAGE_FINETUNE_LAUNCHED"
-LAUNCH_DIR = ".launch"
-LAUNCH_CONFIG = "config.json"
 DEFAULT_MASTER_PORT = 29500
-
-
-# --- the worker's view ------------------------------------------------------------------------
-
-
-def rank() -> int:
-    """This process's global rank (0 outside a distributed launch)."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    """The number of training processes in the run (1 outside a distributed launch)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    """Whether this process writes the task's files (meta, adapter, plots)."""
-    return rank() == 0
-
-
-def fsdp_enabled() -> bool:
-    """Whether ``accelerate launch`` started this process with an FSDP config."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-
-
-def launched() -> bool:
-    """Whether this process was started by ``launch`` (which holds the run lock)."""
-    return os.environ.get(LAUNCHED_ENV) == "1"
-
-
-def rank_log(task_dir: Path, global_rank: int) -> Path:
-    return Path(task_dir) / LOGS_DIR / f"rank-{global_rank}.log"
-
-
-def _error_record(task_dir: Path, global_rank: int) -> Path:
-    return Path(task_dir) / LOGS_DIR / f"rank-{global_rank}.error.json"
-
-
-class _Tee:
-    """Route a file descriptor through a pipe into ``log`` (and into ``echo``, a descriptor,
-    when given), so output written by C code and by handlers made at import is kept."""
-
-    def __init__(
-        self, fd: int, log: BinaryIO, lock: threading.Lock, echo: int | None = None
-    ) -> None:
-        self.fd, self.log, self.lock, self.echo = fd, log, lock, echo
-        self.original = os.dup(fd)
-        read_end, write_end = os.pipe()
-        os.dup2(write_end, fd)
-        os.close(write_end)
-        self.reader = os.fdopen(read_end, "rb", buffering=0)
-        self.thread = threading.Thread(target=self._pump, daemon=True)
-        self.thread.start()
-
-    def _pump(self) -> None:
-        while chunk := self.reader.read(65536):
-            with self.lock:
-                self.log.write(chunk)
-                self.log.flush()
-            if self.echo is not None:
-                os.write(self.echo, chunk)
-
-    def close(self) -> None:
-        os.dup2(self.original, self.fd)  # closes the pipe's last write end: the pump ends
-        self.thread.join(timeout=10)
-        os.close(self.original)
-        self.reader.close()
-
-
-@contextlib.contextmanager
-def worker_output(task_dir: str | os.PathLike[str]) -> Iterator[None]:
-    """In a distributed worker: tee this process's output to ``logs/rank-<r>.log`` (rank 0
-    also shows it on stdout; the launcher keeps stderr for its own messages) and record a
-    failure for the launcher. A no-op in a single process."""
-    if world_size() <= 1 and not launched():
-        yield
-        return
-    task_dir, me = Path(task_dir), rank()
-    path = rank_log(task_dir, me)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = threading.Lock()
-    with path.open("ab") as log:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        console = os.dup(1) if me == 0 else None
-        tees = [_Tee(fd, log, lock, console) for fd in (1, 2)]
-        try:
-            print(f"rank {me} of {world_size()} on {socket.gethostname()}", file=sys.stderr)
-            yield
-        except BaseException as exc:
-            message = error_line(exc)
-            details = "" if isinstance(exc, FinetuneError) else traceback.format_exc()
-            sys.stderr.flush()
-            with lock:  # into the log only: the launcher reports the error once
-                log.write(f"{details}Error: {message}\n".encode())
-            record = {"rank": me, "time": time.time(), "message": message}
-            _error_record(task_dir, me).write_text(json.dumps(record) + "\n", encoding="utf-8")
-            raise
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            for tee in tees:
-                tee.close()
-            if console is not None:
-                os.close(console)
-
-
-def error_line(exc: BaseException) -> str:
-    """One line for an exception: the message of a FinetuneError, else ``Type: message``."""
-    if isinstance(exc, FinetuneError):
-        text = str(exc)
-    elif isinstance(exc, KeyboardInterrupt):
-        text = "interrupted"
-    else:
-        text = f"{type(exc).__name__}: {exc}"
-    return " ".join(text.split())
 
 
 # --- the launcher -----------------------------------------------------------------------------
@@ -262,52 +135,52 @@ def _accelerate_overrides(options: LaunchOptions) -> list[str]:
 
 
 def launch(
-    task_dir: str | os.PathLike[str],
+    task: Task,
     config: TrainingConfig,
     options: LaunchOptions,
+    hardware: Hardware,
     *,
     resume: bool = False,
 ) -> TrainResult | None:
-    """Train ``task_dir`` with ``config`` on this node's share of the processes.
+    """Train ``task`` with ``config`` on this node's share of the processes.
 
     Returns the result read from the meta on the node that holds rank 0, None on the others
     (their meta lives on node 0). A failed rank raises TrainingError with that rank's error.
     """
     options.validate()
-    task_dir = Path(task_dir).resolve()
+    task_dir = task.path.resolve()
     holds_rank0 = options.node_rank == 0
-    with RunLock(task_dir) if holds_rank0 else contextlib.nullcontext():
-        config_file = write_launch_config(task_dir, config, options)
+    with task.lock() if holds_rank0 else contextlib.nullcontext():
+        config_file = write_launch_config(task_dir, config, options, hardware)
         ranks = _local_ranks(options)
         _clear_rank_files(task_dir, ranks)
         command = launch_command(task_dir, options, config_file, resume=resume)
         returncode, launcher_errors = _run(command, _worker_env(config, options))
     if returncode != 0:
         _write_launcher_log(task_dir, options, launcher_errors)
-        error = _failure(task_dir, returncode, ranks if ranks else None, launcher_errors)
+        error = _failure(task, returncode, ranks if ranks else None, launcher_errors)
         if holds_rank0:
-            _mark_failed(task_dir)
+            _mark_failed(task)
         raise error
-    return _result(task_dir) if holds_rank0 else None
+    return TrainResult.from_task(task.path, task.reload()) if holds_rank0 else None
 
 
-def write_launch_config(task_dir: Path, config: TrainingConfig, options: LaunchOptions) -> Path:
+def write_launch_config(
+    task_dir: Path, config: TrainingConfig, options: LaunchOptions, hardware: Hardware
+) -> Path:
     """Write the config every worker trains with; CPU threads are shared among this node's
     processes (``num_threads`` is per process)."""
-    import torch
-
-    if config.num_threads and not torch.cuda.is_available():
+    if config.num_threads and not hardware.cuda:
         per_process = max(1, config.num_threads // (options.nproc or 1))
         config = config.replace(num_threads=per_process)
     path = launch_config_path(task_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
     config.save(path)
     return path
 
 
 def launch_config_path(task_dir: Path) -> Path:
     """Where the launcher writes the config all ranks train with."""
-    return Path(task_dir) / LAUNCH_DIR / LAUNCH_CONFIG
+    return Path(task_dir) / LAUNCH_CONFIG
 
 
 def _local_ranks(options: LaunchOptions) -> list[int]:
@@ -321,7 +194,7 @@ def _local_ranks(options: LaunchOptions) -> list[int]:
 def _clear_rank_files(task_dir: Path, ranks: list[int]) -> None:
     logs = task_dir / LOGS_DIR
     stale = (
-        [p for r in ranks for p in (rank_log(task_dir, r), _error_record(task_dir, r))]
+        [p for r in ranks for p in (rank_log(task_dir, r), error_record(task_dir, r))]
         if ranks
         else [*logs.glob("rank-*.log"), *logs.glob("rank-*.error.json")]
     )
@@ -372,11 +245,10 @@ def _write_launcher_log(task_dir: Path, options: LaunchOptions, lines: list[str]
 
 
 def _failure(
-    task_dir: Path, returncode: int, ranks: list[int] | None, launcher_errors: list[str]
+    task: Task, returncode: int, ranks: list[int] | None, launcher_errors: list[str]
 ) -> FinetuneError:
     """The first rank's error (the root cause), as one line."""
-    from .meta import load_meta
-
+    task_dir = task.path
     records = []
     for path in sorted((task_dir / LOGS_DIR).glob("rank-*.error.json")):
         with contextlib.suppress(OSError, ValueError):
@@ -384,7 +256,7 @@ def _failure(
     if ranks is not None:
         records = [r for r in records if r.get("rank") in ranks] or records
     with contextlib.suppress(FinetuneError):
-        if load_meta(task_dir).status == "interrupted":
+        if task.reload().status == "interrupted":
             return TrainingInterrupted(
                 f"Training of {task_dir} interrupted: continue with "
                 f"`sage finetune run {task_dir} --resume` (and the same --nproc)."
@@ -403,31 +275,8 @@ def _failure(
     )
 
 
-def _mark_failed(task_dir: Path) -> None:
+def _mark_failed(task: Task) -> None:
     """A rank 0 that was stopped because another rank failed could not record it."""
-    from .meta import load_meta, update_meta
-
     with contextlib.suppress(FinetuneError):
-        if load_meta(task_dir).status == "training":
-            update_meta(task_dir, status="failed")
-
-
-def _result(task_dir: Path) -> TrainResult:
-    """What rank 0 recorded in the meta, as a TrainResult."""
-    from .config import TrainingConfig
-    from .meta import load_meta
-    from .trainer import TrainResult
-
-    meta = load_meta(task_dir)
-    config = TrainingConfig.from_dict(meta.training or {})
-    metrics: dict[str, Any] = dict(meta.metrics or {})
-    adapter = meta.path(task_dir, meta.adapter_path or ADAPTER_DIR)
-    targets = config.lora.target_modules
-    return TrainResult(
-        task_dir,
-        adapter,
-        metrics,
-        config,
-        list(targets) if isinstance(targets, list) else [],
-        list(metrics.get("notes") or []),
-    )
+        if task.reload().status == "training":
+            task.update(status="failed")

@@ -1,0 +1,51 @@
+"""The data layer: from the user's files to tokenized, masked, cached training samples.
+
+Stages, one module each: ``formats`` (recognise, validate, normalize a record), ``readers``
+(records from JSON, JSONL, CSV, Parquet, saved datasets), ``loading`` (validated records,
+memory-mapped), ``rendering`` (chat template, prompt masking, tokens and labels),
+``preparation`` (tokenize, statistics, eval split, cache), ``collators`` (padding, packing) and
+``code`` (datasets derived from a Python code base). datasets, transformers and torch are
+imported inside the functions that use them.
+"""
+
+from __future__ import annotations
+
+from .code import CodeDataset, build_code_dataset
+from .collators import PackingCollator, PaddingCollator, make_collator
+from .formats import FORMATS, canonical_record, resolve_format
+from .loading import LoadedData, load_training_data
+from .preparation import DataStats, PreparedDataset, prepare_dataset
+from .readers import content_hash
+from .rendering import (
+    IGNORE_INDEX,
+    Renderer,
+    format_alpaca_sample,
+    format_conversation_sample,
+    format_qa_sample,
+    format_text_sample,
+    preview_samples,
+)
+
+__all__ = [
+    "FORMATS",
+    "IGNORE_INDEX",
+    "CodeDataset",
+    "DataStats",
+    "LoadedData",
+    "PackingCollator",
+    "PaddingCollator",
+    "PreparedDataset",
+    "Renderer",
+    "build_code_dataset",
+    "canonical_record",
+    "content_hash",
+    "format_alpaca_sample",
+    "format_conversation_sample",
+    "format_qa_sample",
+    "format_text_sample",
+    "load_training_data",
+    "make_collator",
+    "prepare_dataset",
+    "preview_samples",
+    "resolve_format",
+]

@@ -1,0 +1,368 @@
+"""Preparation: tokenize loaded data with prompt masking, split off eval data, cache it all.
+
+``prepare_dataset`` renders and tokenizes every row (rendering.py), records statistics,
+holds out an eval split (``eval_ratio``, seeded, or ``eval_data_path``), and caches the result
+under ``cache_dir/<key>`` (datasets.save_to_disk, written atomically), keyed by the data's
+content, the tokenizer, the template and the options, so a later run loads it instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..config import TrainingConfig
+from ..errors import DataError
+from ..paths import atomic_directory
+from .collators import make_collator
+from .formats import resolve_format
+from .loading import LoadedData, load_normalized, load_training_data
+from .readers import content_hash
+from .rendering import Renderer
+
+if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
+
+#: Bumped whenever rendering or tokenization changes, so old caches are not reused.
+PIPELINE_VERSION = 1
+
+
+#: Below this many rows, datasets' progress bars are hidden (they would only be noise).
+PROGRESS_MIN_ROWS = 10_000
+
+
+#: Prepared datasets kept per cache directory (the most recently written ones).
+CACHE_ENTRIES_KEPT = 3
+
+
+@dataclass
+class DataStats:
+    """What preparation found, for the user (all token figures after truncation)."""
+
+    format: str
+    template: str
+    max_length: int
+    records_read: int = 0
+    records_kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    drop_examples: dict[str, str] = field(default_factory=dict)
+    samples: int = 0
+    eval_samples: int = 0
+    tokens: int = 0
+    trainable_tokens: int = 0
+    truncated: int = 0
+    length_p50: int = 0
+    length_p90: int = 0
+    length_p99: int = 0
+    length_max: int = 0
+    from_cache: bool = False
+    cache_key: str | None = None
+
+    @property
+    def records_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+    @property
+    def trainable_share(self) -> float:
+        return self.trainable_tokens / self.tokens if self.tokens else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["records_dropped"] = self.records_dropped
+        data["trainable_share"] = round(self.trainable_share, 4)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DataStats:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def summary(self) -> str:
+        """A few human-readable lines."""
+        lines = [
+            f"records: {self.records_read} read, {self.records_kept} valid, "
+            f"{self.records_dropped} dropped; format {self.format}, template {self.template}",
+            f"samples: {self.samples} train, {self.eval_samples} eval; "
+            f"{self.truncated} truncated to {self.max_length} tokens",
+            f"tokens: {self.tokens} ({self.trainable_tokens} trained on, "
+            f"{self.trainable_share:.0%}); length p50 {self.length_p50}, p90 {self.length_p90}, "
+            f"p99 {self.length_p99}, max {self.length_max}",
+        ]
+        lines += [
+            f"dropped {n}: {reason} (e.g. {self.drop_examples.get(reason, '-')})"
+            for reason, n in self.dropped.items()
+        ]
+        return "\n".join(lines)
+
+
+@dataclass
+class PreparedDataset:
+    """Tokenized data ready for a Trainer.
+
+    ``train`` / ``eval`` have the columns input_ids, labels (-100 on prompt tokens) and length
+    (for length-grouped sampling). ``collator`` pads a batch dynamically, or with ``packing``
+    flattens it into one row with restarting position ids and no attention mask: the model
+    must then run with ``use_cache=False`` for samples to stay apart (see PackingCollator).
+    """
+
+    train: Dataset
+    eval: Dataset | None
+    stats: DataStats
+    format: str
+    packing: bool
+    collator: Callable[[list[Mapping[str, Any]]], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class _Options:
+    format: str | None
+    max_length: int
+    train_on_prompt: bool
+    packing: bool
+    eval_ratio: float
+    eval_data: str | None
+    seed: int
+
+
+def prepare_dataset(
+    data: LoadedData | str | os.PathLike[str] | Sequence[Mapping[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    config: TrainingConfig | None = None,
+    *,
+    format: str | None = None,
+    max_length: int | None = None,
+    train_on_prompt: bool | None = None,
+    packing: bool | None = None,
+    eval_ratio: float | None = None,
+    eval_data: str | os.PathLike[str] | None = None,
+    skip_invalid: bool = False,
+    cache_dir: Path | None = None,
+    seed: int | None = None,
+) -> PreparedDataset:
+    """Tokenize training data with prompt masking, split off eval data, cache the result.
+
+    ``data`` is a LoadedData, a path or a list of records (``format`` and ``skip_invalid``
+    apply to the last two and to ``eval_data``). Explicit keyword arguments override
+    ``config`` (TrainingConfig defaults when None). With ``cache_dir``, the result is stored
+    in ``cache_dir/<key>`` and a later call with the same data content, tokenizer, template
+    and options loads it instead of tokenizing again (``stats.from_cache``).
+    """
+    config = config or TrainingConfig()
+    options = _Options(
+        format=resolve_format(format if format is not None else config.data_format),
+        max_length=max_length if max_length is not None else config.max_length,
+        train_on_prompt=train_on_prompt if train_on_prompt is not None else config.train_on_prompt,
+        packing=packing if packing is not None else config.packing,
+        eval_ratio=eval_ratio if eval_ratio is not None else config.eval_ratio,
+        eval_data=os.fspath(eval_data) if eval_data is not None else config.eval_data_path,
+        seed=seed if seed is not None else config.seed,
+    )
+    if options.max_length < 2:
+        raise DataError(f"max_length must be at least 2 tokens, got {options.max_length}.")
+    if not 0 <= options.eval_ratio < 1:
+        raise DataError(f"eval_ratio must be in [0, 1), got {options.eval_ratio}.")
+    renderer = Renderer(
+        tokenizer, max_length=options.max_length, train_on_prompt=options.train_on_prompt
+    )
+    digest = data.content_hash if isinstance(data, LoadedData) else content_hash(data)
+    key = _cache_key(digest, renderer, options, skip_invalid)
+    entry = Path(cache_dir) / key if cache_dir is not None else None
+    if entry is not None and (cached := _from_cache(entry, tokenizer, options)):
+        return cached
+
+    loaded = (
+        data
+        if isinstance(data, LoadedData)
+        else load_normalized(data, options.format, skip_invalid, digest)
+    )
+    with _progress_bars(len(loaded)):
+        tokenized = _tokenize(loaded, renderer, key)
+        stats = _statistics(loaded, tokenized, renderer, options)
+        tokenized = tokenized.remove_columns(["trainable", "full_length"])
+        train, evaluation = _split(tokenized, options, renderer, skip_invalid, key)
+        stats.samples, stats.eval_samples = len(train), len(evaluation or [])
+        stats.cache_key = key if entry is not None else None
+        if entry is not None:
+            train, evaluation = _store(entry, train, evaluation, stats)
+    return PreparedDataset(
+        train,
+        evaluation,
+        stats,
+        loaded.format,
+        options.packing,
+        make_collator(tokenizer, options.packing),
+    )
+
+
+def _cache_key(digest: str, renderer: Renderer, options: _Options, skip_invalid: bool) -> str:
+    eval_hash = content_hash(options.eval_data) if options.eval_data else None
+    fields = {
+        "version": PIPELINE_VERSION,
+        "data": digest,
+        "eval_data": eval_hash,
+        "skip_invalid": skip_invalid,
+        "tokenizer": renderer.fingerprint(),
+        **{
+            k: v
+            for k, v in dataclasses.asdict(options).items()
+            if k not in ("packing", "eval_data")
+        },
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _tokenize(loaded: LoadedData, renderer: Renderer, key: str) -> Dataset:
+    from datasets import Features, List, Value
+
+    features = Features(
+        {
+            "input_ids": List(Value("int32")),
+            "labels": List(Value("int32")),
+            "length": Value("int32"),
+            "trainable": Value("int32"),
+            "full_length": Value("int32"),
+        }
+    )
+    return loaded.dataset.map(
+        renderer.tokenize_batch,
+        batched=True,
+        batch_size=1000,
+        remove_columns=loaded.dataset.column_names,
+        features=features,
+        load_from_cache_file=False,
+        new_fingerprint=f"{key}-{loaded.content_hash[:16]}",
+        desc="Tokenizing",
+    )
+
+
+def _statistics(
+    loaded: LoadedData, tokenized: Dataset, renderer: Renderer, options: _Options
+) -> DataStats:
+    import numpy as np
+
+    columns = tokenized.with_format("numpy", columns=["length", "trainable", "full_length"])
+    lengths = np.asarray(columns["length"], dtype=np.int64)
+    dropped = dict(loaded.dropped)
+    examples = dict(loaded.drop_examples)
+    cut_off = len(loaded) - len(tokenized)
+    if cut_off:
+        reason = "no trainable tokens left after truncation"
+        dropped[reason] = cut_off
+        examples[reason] = f"answers start after token {options.max_length}"
+    if not len(tokenized):
+        raise DataError(
+            f"{loaded.source}: every sample lost all its answer tokens to truncation at "
+            f"max_length={options.max_length}; raise max_length or shorten the prompts."
+        )
+    p50, p90, p99 = (int(np.percentile(lengths, q)) for q in (50, 90, 99))
+    return DataStats(
+        format=loaded.format,
+        template=renderer.template,
+        max_length=options.max_length,
+        records_read=loaded.records_read,
+        records_kept=len(loaded),
+        dropped=dropped,
+        drop_examples=examples,
+        tokens=int(lengths.sum()),
+        trainable_tokens=int(np.asarray(columns["trainable"], dtype=np.int64).sum()),
+        truncated=int((np.asarray(columns["full_length"]) > options.max_length).sum()),
+        length_p50=p50,
+        length_p90=p90,
+        length_p99=p99,
+        length_max=int(lengths.max()),
+    )
+
+
+def _split(
+    tokenized: Dataset, options: _Options, renderer: Renderer, skip_invalid: bool, key: str
+) -> tuple[Dataset, Dataset | None]:
+    if options.eval_data:
+        loaded = load_training_data(options.eval_data, options.format, skip_invalid=skip_invalid)
+        evaluation = _tokenize(loaded, renderer, f"{key}-eval")
+        return tokenized, evaluation.remove_columns(["trainable", "full_length"])
+    if not options.eval_ratio:
+        return tokenized, None
+    held_out = max(1, round(len(tokenized) * options.eval_ratio))
+    if held_out >= len(tokenized):
+        # Too little data to hold any out (a preset's eval_ratio on a handful of records):
+        # train on everything; stats.eval_samples == 0 tells the user there was no eval.
+        return tokenized, None
+    parts = tokenized.train_test_split(test_size=held_out, seed=options.seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def _store(
+    entry: Path, train: Dataset, evaluation: Dataset | None, stats: DataStats
+) -> tuple[Dataset, Dataset | None]:
+    """Save atomically (another process storing the same key first wins) and reload from the
+    saved copy."""
+    from datasets import load_from_disk
+
+    with atomic_directory(entry) as building:
+        train.save_to_disk(str(building / "train"))
+        if evaluation is not None:
+            evaluation.save_to_disk(str(building / "eval"))
+        (building / "stats.json").write_text(json.dumps(stats.to_dict(), indent=2) + "\n")
+    _prune_cache(entry.parent, keep=entry)
+    train = load_from_disk(str(entry / "train"))
+    evaluation = load_from_disk(str(entry / "eval")) if (entry / "eval").is_dir() else None
+    return train, evaluation
+
+
+def _prune_cache(cache_dir: Path, keep: Path) -> None:
+    entries = [p for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    entries.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[CACHE_ENTRIES_KEPT:]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _from_cache(entry: Path, tokenizer: Any, options: _Options) -> PreparedDataset | None:
+    """The cached preparation in ``entry``; None if there is none (a broken one is removed)."""
+    from datasets import load_from_disk
+
+    if not (entry / "stats.json").is_file():
+        return None
+    try:
+        stats = DataStats.from_dict(json.loads((entry / "stats.json").read_text()))
+        train = load_from_disk(str(entry / "train"))
+        evaluation = load_from_disk(str(entry / "eval")) if (entry / "eval").is_dir() else None
+    except (OSError, ValueError, TypeError):
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+    stats.from_cache = True
+    os.utime(entry)  # most recently used: kept by pruning
+    return PreparedDataset(
+        train,
+        evaluation,
+        stats,
+        stats.format,
+        options.packing,
+        make_collator(tokenizer, options.packing),
+    )
+
+
+@contextlib.contextmanager
+def _progress_bars(rows: int) -> Iterator[None]:
+    """Hide datasets' progress bars for small data (they would only be noise)."""
+    import datasets
+
+    if rows >= PROGRESS_MIN_ROWS or not datasets.is_progress_bar_enabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()

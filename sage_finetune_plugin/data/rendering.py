@@ -1,0 +1,315 @@
+"""Rendering: a normalized row as the text the model trains on, and its tokens with labels.
+
+Through the tokenizer's chat template when it has one (each assistant turn's span found by
+rendering the conversation up to that turn), else through the ``### Instruction:`` /
+``### Input:`` / ``### Response:`` layout. Segments are tokenized separately, so a label
+boundary never falls inside a token; labels are -100 (``IGNORE_INDEX``) on prompt tokens, every
+sample ends with EOS, and samples are truncated to ``max_length``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..errors import DataError
+from ..templates import FALLBACK_HEADERS, has_chat_template
+from .formats import SPECS_BY_NAME, Invalid
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from .loading import LoadedData
+
+
+#: Label value the loss ignores.
+IGNORE_INDEX = -100
+
+
+class _TemplateMismatch(Exception):
+    pass
+
+
+class Renderer:
+    """Turns a normalized row into (text, trainable) segments and token ids with labels.
+
+    With a chat template the conversation is rendered once; each assistant turn's span is
+    found by rendering the conversation up to that turn (with and without the generation
+    prompt), so whatever the template adds around a turn stays in the prompt. Without a
+    template the ``### Instruction:`` style is used. Segments are tokenized separately, so a
+    label boundary never falls inside a token.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase | None,
+        *,
+        max_length: int | None = None,
+        train_on_prompt: bool = False,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.train_on_prompt = train_on_prompt
+        self.chat_template = has_chat_template(tokenizer)
+        self.template = "chat_template" if self.chat_template else "fallback"
+        self.eos = ""
+        self.bos_ids: list[int] = []
+        if tokenizer is not None:
+            if tokenizer.eos_token is None or tokenizer.eos_token_id is None:
+                raise DataError(
+                    f"Tokenizer {tokenizer.name_or_path!r} has no EOS token; set one "
+                    "(tokenizer.eos_token) so the model can learn where an answer ends."
+                )
+            self.eos = tokenizer.eos_token
+            bos = tokenizer.bos_token_id
+            if bos is not None and tokenizer("a")["input_ids"][:1] == [bos]:
+                self.bos_ids = [bos]
+
+    # -- text --------------------------------------------------------------------------------
+
+    def segments(self, row: Mapping[str, Any]) -> list[tuple[str, bool]]:
+        """The sample as (text, trainable) pieces; joined, they are the training text."""
+        messages = row["messages"]
+        if row["kind"] == "text":
+            return [(messages[0]["content"] + self.eos, True)]
+        if row["kind"] == "completion":
+            return [(messages[0]["content"], False), (messages[1]["content"] + self.eos, True)]
+        if self.chat_template:
+            return self._template_segments(self._with_context(messages, row["context"]), row)
+        return self._fallback_segments(messages, row["context"])
+
+    @staticmethod
+    def _with_context(messages: list[dict[str, str]], context: str) -> list[dict[str, str]]:
+        if not context.strip():
+            return messages
+        out = [dict(m) for m in messages]
+        first_user = next(m for m in out if m["role"] == "user")
+        first_user["content"] += "\n\n" + context
+        return out
+
+    def _fallback_segments(
+        self, messages: list[dict[str, str]], context: str
+    ) -> list[tuple[str, bool]]:
+        segments: list[tuple[str, bool]] = []
+        prompt, context_pending = "", bool(context.strip())
+        for message in messages:
+            role, content = message["role"], message["content"]
+            if role == "assistant":
+                segments += [(prompt + FALLBACK_HEADERS["assistant"], False)]
+                segments += [(content + self.eos, True)]
+                prompt = "\n\n"
+                continue
+            prompt += f"{FALLBACK_HEADERS[role]}{content}\n\n"
+            if role == "user" and context_pending:
+                prompt += f"{FALLBACK_HEADERS['context']}{context}\n\n"
+                context_pending = False
+        return segments
+
+    def _template_segments(
+        self, messages: list[dict[str, str]], row: Mapping[str, Any]
+    ) -> list[tuple[str, bool]]:
+        try:
+            full = self._apply(messages)
+            segments: list[tuple[str, bool]] = []
+            cursor = 0
+            last = len(messages) - 1
+            for i, message in enumerate(messages):
+                if message["role"] != "assistant":
+                    continue
+                start = self._answer_start(messages, i, full, cursor)
+                end = self._answer_end(messages, i, full, start, upto=full if i == last else None)
+                segments += [(full[cursor:start], False), (full[start:end], True)]
+                cursor = end
+        except _TemplateMismatch:
+            raise DataError(
+                f"{row['location']}: the tokenizer's chat template does not render assistant "
+                "turns verbatim, so the prompt cannot be masked; set train_on_prompt or use a "
+                "tokenizer without this template."
+            ) from None
+        except Exception as exc:  # jinja2 errors raised by the template itself
+            if isinstance(exc, DataError):
+                raise
+            raise DataError(
+                f"{row['location']}: the tokenizer's chat template rejected this conversation "
+                f"({type(exc).__name__}: {exc})."
+            ) from None
+        tail = full[cursor:]
+        if tail.strip():
+            segments.append((tail, False))
+        return [(text, trainable) for text, trainable in segments if text]
+
+    def _apply(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+        assert self.tokenizer is not None
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    def _opening(self) -> str:
+        """What the template puts before a conversation that opens with the assistant."""
+        try:
+            return self._apply([], generation_prompt=True)
+        except Exception:  # templates may refuse an empty conversation
+            return ""
+
+    def _answer_start(self, messages: list[dict[str, str]], i: int, full: str, cursor: int) -> int:
+        prefix = self._apply(messages[:i], generation_prompt=True) if i else self._opening()
+        if full.startswith(prefix) and len(prefix) >= cursor:
+            return len(prefix)
+        position = full.find(messages[i]["content"], cursor)
+        if position < 0:
+            raise _TemplateMismatch
+        return position
+
+    def _answer_end(
+        self, messages: list[dict[str, str]], i: int, full: str, start: int, upto: str | None
+    ) -> int:
+        upto = self._apply(messages[: i + 1]) if upto is None else upto
+        if full.startswith(upto) and len(upto.rstrip()) > start:
+            return len(upto.rstrip())
+        end = start + len(messages[i]["content"])
+        if full[end:].startswith(self.eos):
+            end += len(self.eos)
+        return end
+
+    # -- tokens --------------------------------------------------------------------------------
+
+    def encode(self, rows: Sequence[Mapping[str, Any]]) -> list[tuple[list[int], list[int], int]]:
+        """(input_ids, labels, length before truncation) for each row, tokenized in one call."""
+        assert self.tokenizer is not None
+        per_row = [self.segments(row) for row in rows]
+        texts = [text for segments in per_row for text, _ in segments]
+        if not texts:  # tokenizers refuse an empty batch
+            return []
+        token_lists = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"])
+        results = []
+        eos_id = self.tokenizer.eos_token_id
+        for segments in per_row:
+            ids, labels = list(self.bos_ids), [IGNORE_INDEX] * len(self.bos_ids)
+            for _, trainable in segments:
+                tokens = next(token_lists)
+                ids += tokens
+                labels += tokens if trainable else [IGNORE_INDEX] * len(tokens)
+            if not ids or ids[-1] != eos_id:
+                ids.append(eos_id)
+                labels.append(eos_id)
+            if self.train_on_prompt:
+                labels = list(ids)
+            full_length = len(ids)
+            if self.max_length is not None and full_length > self.max_length:
+                ids, labels = ids[: self.max_length], labels[: self.max_length]
+            results.append((ids, labels, full_length))
+        return results
+
+    def tokenize_batch(self, batch: Mapping[str, list[Any]]) -> dict[str, list[Any]]:
+        """Dataset.map function: drops samples whose trainable tokens were all cut off."""
+        rows = [
+            dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)
+        ]
+        out: dict[str, list[Any]] = {
+            "input_ids": [],
+            "labels": [],
+            "length": [],
+            "trainable": [],
+            "full_length": [],
+        }
+        for ids, labels, full_length in self.encode(rows):
+            trainable = sum(1 for label in labels[1:] if label != IGNORE_INDEX)
+            if not trainable:
+                continue
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["length"].append(len(ids))
+            out["trainable"].append(trainable)
+            out["full_length"].append(full_length)
+        return out
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything about the tokenizer and template that changes the tokens produced."""
+        tokenizer = self.tokenizer
+        assert tokenizer is not None
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        vocab = (
+            backend.to_str()
+            if backend is not None
+            else json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+        )
+        return {
+            "class": type(tokenizer).__name__,
+            "vocab": hashlib.sha256(vocab.encode()).hexdigest(),
+            "special_tokens": tokenizer.all_special_tokens,
+            "eos": self.eos,
+            "bos_ids": self.bos_ids,
+            "template": getattr(tokenizer, "chat_template", None) if self.chat_template else None,
+        }
+
+
+def preview_samples(
+    loaded: LoadedData,
+    tokenizer: PreTrainedTokenizerBase,
+    count: int,
+    *,
+    max_length: int | None = None,
+    train_on_prompt: bool = False,
+) -> list[list[tuple[str, bool]]]:
+    """The first ``count`` samples as the model sees them: decoded token runs, each marked
+    trainable (in the loss) or not, after truncation."""
+    renderer = Renderer(tokenizer, max_length=max_length, train_on_prompt=train_on_prompt)
+    rows = list(loaded.dataset.select(range(min(count, len(loaded)))))
+    samples = []
+    for ids, labels, _ in renderer.encode(rows):
+        runs: list[tuple[list[int], bool]] = []
+        for token, label in zip(ids, labels, strict=True):
+            trainable = label != IGNORE_INDEX
+            if runs and runs[-1][1] == trainable:
+                runs[-1][0].append(token)
+            else:
+                runs.append(([token], trainable))
+        samples.append([(tokenizer.decode(tokens), trainable) for tokens, trainable in runs])
+    return samples
+
+
+def _format_sample(fmt: str, record: Mapping[str, Any], tokenizer: Any) -> str:
+    try:
+        row = SPECS_BY_NAME[fmt].normalize(record)
+    except Invalid as exc:
+        raise DataError(f"Invalid {fmt} record: {exc}.") from None
+    row["location"] = "record"
+    return "".join(text for text, _ in Renderer(tokenizer).segments(row))
+
+
+def format_alpaca_sample(
+    record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase | None = None
+) -> str:
+    """The training text of an alpaca record (``instruction``, optional ``input``, ``output``).
+
+    With a tokenizer that has a chat template: the conversation rendered through it (the
+    input follows the instruction in the user turn). Otherwise the ``### Instruction:`` /
+    ``### Input:`` / ``### Response:`` template. Ends with the tokenizer's EOS when a tokenizer
+    is given. Raises DataError for a malformed record.
+    """
+    return _format_sample("alpaca", record, tokenizer)
+
+
+def format_qa_sample(
+    record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase | None = None
+) -> str:
+    """The training text of a qa record (``question``, ``answer``, optional ``context``);
+    rendered like an alpaca record with the question as instruction and context as input."""
+    return _format_sample("qa", record, tokenizer)
+
+
+def format_conversation_sample(
+    record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase | None = None
+) -> str:
+    """The training text of a conversation (``messages`` or ``conversations``, role/content or
+    ShareGPT from/value turns), through the chat template or the ``###`` fallback."""
+    return _format_sample("conversation", record, tokenizer)
+
+
+def format_text_sample(
+    record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase | None = None
+) -> str:
+    """The training text of a text record: ``text`` itself, plus EOS when a tokenizer is given."""
+    return _format_sample("text", record, tokenizer)

@@ -1,0 +1,186 @@
+"""Trainer callbacks: progress reports, a graceful stop on Ctrl-C or `cancel`, rank logs.
+
+``ProgressCallback`` turns the Trainer's events into ``RunProgress`` snapshots (step, loss,
+learning rate, trained tokens per second) handed to a sink: the recipe records them in the
+task's meta and passes them on; the command layer draws them as a progress bar. Nothing here
+prints.
+
+``StopOnSignal`` turns the first SIGINT/SIGTERM, or a cancel request file written by
+``sage finetune cancel``, into "save a checkpoint at the end of this step and stop"; a second
+signal interrupts at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunProgress:
+    """A snapshot of a run. ``event`` is ``start``, ``step`` (after each optimizer step),
+    ``log`` (a logging or evaluation step; ``logs`` holds what the Trainer logged) or ``end``."""
+
+    event: str
+    step: int
+    max_steps: int
+    tokens_per_second: float = 0.0
+    loss: float | None = None
+    learning_rate: float | None = None
+    logs: dict[str, float] = field(default_factory=dict)
+
+    def line(self) -> str:
+        """The logging step as one line: step, loss, eval loss, learning rate, tokens/s."""
+        parts = [f"step {self.step}/{self.max_steps}"]
+        if "loss" in self.logs:
+            parts.append(f"loss {self.logs['loss']:.4f}")
+        if "eval_loss" in self.logs:
+            parts.append(f"eval_loss {self.logs['eval_loss']:.4f}")
+        if "learning_rate" in self.logs:
+            parts.append(f"lr {self.logs['learning_rate']:.2e}")
+        parts.append(f"{self.tokens_per_second:.0f} tok/s")
+        return "  ".join(parts)
+
+
+ProgressSink = Callable[[RunProgress], None]
+
+
+class ProgressCallback(TrainerCallback):
+    """Reports the run to ``sink`` from the main process only (one report per run)."""
+
+    def __init__(self, sink: ProgressSink) -> None:
+        self.sink = sink
+        self.loss: float | None = None
+        self.lr: float | None = None
+        self._start = 0.0
+        self._start_tokens = 0
+
+    def _emit(self, event: str, state: Any, logs: dict[str, float] | None = None) -> None:
+        elapsed = time.perf_counter() - self._start
+        tokens = state.num_input_tokens_seen - self._start_tokens
+        self.sink(
+            RunProgress(
+                event,
+                state.global_step,
+                state.max_steps,
+                tokens / elapsed if elapsed > 0 else 0.0,
+                self.loss,
+                self.lr,
+                dict(logs or {}),
+            )
+        )
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self._start = time.perf_counter()
+            self._start_tokens = state.num_input_tokens_seen
+            self._emit("start", state)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self._emit("step", state)
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        self.loss = logs.get("loss", self.loss)
+        self.lr = logs.get("learning_rate", self.lr)
+        if any(key in logs for key in ("loss", "eval_loss")):
+            numbers = {k: float(v) for k, v in logs.items() if isinstance(v, int | float)}
+            self._emit("log", state, numbers)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self._emit("end", state)
+
+
+class StopOnSignal(TrainerCallback):
+    """Stop after the current step and save a checkpoint when SIGINT or SIGTERM arrives, or
+    when ``cancel_file`` appears (``sage finetune cancel`` from another terminal)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, cancel_file: Path | None = None) -> None:
+        self.requested = False
+        self.cancel_file = cancel_file
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # the second Ctrl-C: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopOnSignal]:
+        """Route the signals here for the duration of a ``with`` block (main thread only);
+        the handlers from before are restored afterwards."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        cancelled = self.cancel_file is not None and self.cancel_file.exists()
+        self.requested = _on_any_rank(self.requested or cancelled, args)
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class RankLogCallback(TrainerCallback):
+    """In a multi-process run, a log record from every rank at each logging step and at the
+    end, so each rank's log shows its share of the work."""
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        if logs and "loss" in logs:
+            logger.info(
+                "[rank %d/%d] step %d/%d loss %.4f",
+                args.process_index,
+                args.world_size,
+                state.global_step,
+                state.max_steps,
+                logs["loss"],
+            )
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        logger.info(
+            "[rank %d/%d] finished at step %d/%d, %d tokens trained by all ranks",
+            args.process_index,
+            args.world_size,
+            state.global_step,
+            state.max_steps,
+            state.num_input_tokens_seen,
+        )
+
+
+def _on_any_rank(flag: bool, args: Any) -> bool:
+    """``flag`` or'ed over all processes, so that every rank stops at the same step (a rank
+    that stopped alone would leave the others waiting in the next gradient all-reduce)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=args.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

@@ -1,0 +1,108 @@
+"""What a run produced and measured: the result, loss histories, peak memory, the loss curve.
+
+matplotlib and torch are imported inside the functions that need them; the plot uses
+matplotlib's object API with the Agg canvas, so the caller's pyplot backend is left alone.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..config import TrainingConfig
+from ..paths import ADAPTER_DIR
+
+if TYPE_CHECKING:
+    from transformers import TrainerState
+
+    from ..meta import TaskMeta
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    task_dir: Path
+    adapter_path: Path
+    metrics: dict[str, Any]
+    #: The config as it ran: resolved LoRA targets, precision and optimizer.
+    config: TrainingConfig
+    target_modules: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def global_step(self) -> int:
+        return int(self.metrics.get("global_step", 0))
+
+    @property
+    def train_loss(self) -> float | None:
+        return self.metrics.get("train_loss")
+
+    @classmethod
+    def from_task(cls, task_dir: Path, meta: TaskMeta) -> TrainResult:
+        """What a run recorded in the task's meta (read by the launcher after a
+        multi-process run)."""
+        config = TrainingConfig.from_dict(meta.training or {})
+        metrics = dict(meta.metrics or {})
+        targets = config.lora.target_modules
+        return cls(
+            task_dir,
+            meta.path(task_dir, meta.adapter_path or ADAPTER_DIR) or task_dir / ADAPTER_DIR,
+            metrics,
+            config,
+            list(targets) if isinstance(targets, list) else [],
+            list(metrics.get("notes") or []),
+        )
+
+
+def loss_histories(state: TrainerState) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train and eval loss as ``[{"step", "loss"}]`` from the Trainer's log history."""
+    train = [{"step": h["step"], "loss": h["loss"]} for h in state.log_history if "loss" in h]
+    evals = [
+        {"step": h["step"], "loss": h["eval_loss"]} for h in state.log_history if "eval_loss" in h
+    ]
+    return train, evals
+
+
+def peak_memory_bytes(device: str) -> int:
+    """Peak memory of this run: allocated CUDA memory on a GPU, else the process's peak RSS."""
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes, Linux: KiB
+
+
+def plot_loss(
+    train: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path, title: str
+) -> Path | None:
+    """Write the loss curve to ``path`` (PNG); None when there is nothing to plot.
+
+    Uses matplotlib's object API with the Agg canvas, so the caller's pyplot backend is left
+    alone.
+    """
+    if not train and not evals:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for history, label, style in ((train, "train", "-"), (evals, "eval", "o--")):
+        if history:
+            steps, losses = [h["step"] for h in history], [h["loss"] for h in history]
+            axes.plot(steps, losses, style, label=label)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path

@@ -1,0 +1,202 @@
+"""The runtime policy: where and how a model runs, decided in one place.
+
+``Hardware`` holds the facts about the machine (detected once with torch, or stated for an
+estimate); ``resolve_runtime(config, hardware)`` is a pure function from a training config and
+those facts to the device, the precision, the quantization and the optimizer. Training, the
+memory estimate, the dry run, chat and merge all ask it, so they always agree.
+
+Rules: CUDA if there is a GPU, else Apple MPS (not for bitsandbytes quantization, which has no
+MPS kernels), else the CPU. Precision: bf16 on GPUs that support it, fp16 on other CUDA GPUs,
+fp32 on CPU and MPS, unless the config sets ``fp16`` or ``bf16``. Paged optimizers page their
+states through CUDA unified memory: off CUDA the non-paged twin is used; on MPS, bitsandbytes
+optimizers fall back to ``adamw_torch``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..config import TrainingConfig
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import BitsAndBytesConfig
+
+#: Paged optimizers page their states to host memory through CUDA unified memory; elsewhere
+#: the non-paged twin does the same job.
+UNPAGED = {
+    "paged_adamw_8bit": "adamw_bnb_8bit",
+    "paged_adamw_32bit": "adamw_torch",
+    "paged_lion_8bit": "lion_8bit",
+    "paged_lion_32bit": "lion_32bit",
+    "paged_ademamix_8bit": "ademamix_8bit",
+    "paged_ademamix_32bit": "ademamix",
+}
+#: Optimizers that run bitsandbytes kernels (CUDA and CPU backends, not Apple MPS).
+BNB_OPTIMIZERS = {
+    *UNPAGED,
+    "adamw_bnb_8bit",
+    "adamw_8bit",
+    "lion_8bit",
+    "lion_32bit",
+    "ademamix",
+    "ademamix_8bit",
+    "rmsprop_bnb",
+    "rmsprop_bnb_8bit",
+    "rmsprop_bnb_32bit",
+}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What this machine offers, as far as the runtime policy cares."""
+
+    cuda: bool = False
+    cuda_bf16: bool = False
+    #: Total memory of the first CUDA device, in bytes.
+    cuda_memory: int | None = None
+    mps: bool = False
+    #: The CPU computes bf16 natively (AMX or AVX512-BF16 on x86, the BF16 extension on arm64).
+    cpu_bf16: bool = False
+
+    @staticmethod
+    @functools.cache
+    def detect() -> Hardware:
+        """This machine's hardware (imports torch; detected once per process)."""
+        import torch
+
+        cuda = torch.cuda.is_available()
+        mps = getattr(torch.backends, "mps", None)
+        return Hardware(
+            cuda=cuda,
+            cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
+            cuda_memory=int(torch.cuda.get_device_properties(0).total_memory) if cuda else None,
+            mps=bool(mps is not None and mps.is_available()),
+            cpu_bf16=_cpu_has_bf16(),
+        )
+
+    @staticmethod
+    def assumed(device: str) -> Hardware:
+        """Stated hardware for a what-if (a GPU preset estimated on a CPU machine): a
+        bf16-capable GPU for ``cuda``, Apple silicon for ``mps``, a plain CPU otherwise."""
+        if device == "cuda":
+            return Hardware(cuda=True, cuda_bf16=True)
+        if device == "mps":
+            return Hardware(mps=True)
+        return Hardware()
+
+
+def _cpu_has_bf16() -> bool:
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported", "_is_arm_bf16_supported"):
+        check = getattr(cpu, probe, None)
+        try:
+            if check is not None and check():
+                return True
+        except (RuntimeError, AttributeError):
+            continue
+    return False
+
+
+@dataclass
+class Runtime:
+    """Where and how a run trains (or a model runs), as decided by the policy."""
+
+    device: str  # "cuda", "mps" or "cpu"
+    fp16: bool
+    bf16: bool
+    optim: str
+    quantization: str | None = None  # "4bit", "8bit" or None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def dtype_name(self) -> str:
+        return "bfloat16" if self.bf16 else "float16" if self.fp16 else "float32"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.dtype_name)
+
+
+def resolve_runtime(config: TrainingConfig, hardware: Hardware | None = None) -> Runtime:
+    """Device, precision, quantization and optimizer for training ``config`` on ``hardware``
+    (this machine when not given). Raises ConfigError for a precision the device lacks."""
+    hardware = hardware or Hardware.detect()
+    notes: list[str] = []
+    quantization = config.quantization
+    if hardware.cuda:
+        device = "cuda"
+    elif hardware.mps and quantization is None:
+        device = "mps"
+    else:
+        device = "cpu"
+        if hardware.mps:
+            notes.append("bitsandbytes quantization has no Apple MPS kernels: training on the CPU")
+    fp16, bf16 = _precision(config, device, hardware)
+    optim = _optimizer(config.optim, device, notes)
+    return Runtime(device, fp16, bf16, optim, quantization, notes)
+
+
+def inference_runtime(hardware: Hardware | None = None) -> Runtime:
+    """Where a model answers (chat, evaluation): the GPU in bf16 (fp16 without bf16 support),
+    Apple MPS or the CPU in fp32. Never quantized: an adapter is applied to the full model."""
+    hardware = hardware or Hardware.detect()
+    if hardware.cuda:
+        return Runtime("cuda", not hardware.cuda_bf16, hardware.cuda_bf16, optim="")
+    return Runtime("mps" if hardware.mps else "cpu", False, False, optim="")
+
+
+def _precision(config: TrainingConfig, device: str, hardware: Hardware) -> tuple[bool, bool]:
+    if config.fp16 and device != "cuda":
+        raise ConfigError(
+            f"fp16 mixed precision needs a CUDA GPU and this run trains on {device}: "
+            "unset fp16 (fp32 is chosen) or use bf16."
+        )
+    bf16_ok = device != "cuda" or hardware.cuda_bf16
+    if config.bf16 and not bf16_ok:
+        raise ConfigError("This GPU does not support bf16: use fp16, or leave precision unset.")
+    if config.fp16 or config.bf16:
+        return bool(config.fp16), bool(config.bf16)
+    if device != "cuda":
+        return False, False
+    bf16 = bf16_ok and config.bf16 is None
+    fp16 = not bf16 and config.fp16 is None
+    return fp16, bf16
+
+
+def _optimizer(name: str, device: str, notes: list[str]) -> str:
+    if device == "cuda":
+        return name
+    chosen = UNPAGED.get(name, name)
+    if device == "mps" and chosen in BNB_OPTIMIZERS:
+        chosen = "adamw_torch"
+    if chosen != name:
+        notes.append(f"optimizer {name} needs CUDA: using {chosen} on {device}")
+    return chosen
+
+
+def quantization_config(
+    config: TrainingConfig, runtime: Runtime, *, fsdp: bool = False
+) -> BitsAndBytesConfig | None:
+    """The bitsandbytes settings for a 4-bit (QLoRA) or 8-bit base model, or None. Under FSDP
+    the 4-bit weights are flattened with the rest, so they must be stored in the run's dtype."""
+    if runtime.quantization is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if runtime.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=config.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=runtime.dtype,
+        bnb_4bit_quant_storage=runtime.dtype if fsdp else None,
+    )
