@@ -4,7 +4,7 @@ The same data (generated alpaca records of varied length), model (SmolLM2-135M-I
 ``resolve_model``) and hyperparameters (max_length 512, batch 4, 15 steps, LoRA r16/alpha 32
 on q/k/v/o with dropout 0.05, lr 2e-4 cosine, fp32, one torch thread) are trained by:
 
-  ours      sage_finetune_plugin.trainer.LoRATrainer (chat template, prompt masking,
+  ours      sage_finetune_plugin.LoRATrainer (chat template, prompt masking,
             dynamic padding, length-grouped batches)
   ours_random  the same in random order, like the peers: length grouping starts with the
             longest samples, so over a few steps it trains on other samples than the peers;
@@ -167,8 +167,8 @@ def lora_config() -> Any:
 
 
 def run_ours(args: argparse.Namespace, workdir: Path, meter: Any, *, grouped: bool = True) -> Any:
+    from sage_finetune_plugin import LoRATrainer
     from sage_finetune_plugin.config import LoRAConfig, TrainingConfig
-    from sage_finetune_plugin.trainer import LoRATrainer
 
     class CountingTrainer(LoRATrainer):
         def build_trainer(self, model, data):

@@ -387,7 +387,7 @@ def _known_keys(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
     if unknown:
         details = []
         for key in unknown:
-            close = difflib.get_close_matches(key, names, n=1)
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.4)
             details.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
         raise ConfigError(f"Unknown {where} key(s): {', '.join(details)}.")
     return dict(data)

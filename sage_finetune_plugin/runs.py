@@ -236,7 +236,6 @@ def start_run(
     multi-node run that do not hold rank 0 (their meta lives on node 0)."""
     plan.check()
     task, options = plan.task, plan.options
-    task.clear_cancel()  # an old request must not stop this run
     if options.launch.distributed:
         from .training.launch import launch
 
@@ -245,7 +244,7 @@ def start_run(
 
     trainer = LoRATrainer(
         plan.config,
-        task_dir=task.path,
+        task_dir=task,
         callbacks=callbacks,
         progress=progress,
         hardware=plan.hardware,

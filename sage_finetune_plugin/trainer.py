@@ -44,10 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .runs import RunOptions, plan_run, run_worker, start_run
     from .training.distributed import is_main_process, launched, worker_output
 
+    enable_console_logging()  # before the worker's output is teed: its banner is logged
     bar = ProgressBar()
     try:
         with worker_output(args.task_dir):
-            enable_console_logging()
             if args.config is not None:
                 result = run_worker(args.task_dir, Path(args.config), args.resume, progress=bar)
             else:

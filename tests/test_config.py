@@ -233,6 +233,18 @@ def test_auto_without_gpu_is_cpu():
     assert choose_preset(hardware=Hardware.assumed("mps"))[0] == "cpu"
 
 
+def test_auto_sizes_the_preset_for_the_given_model(tiny_model_dir):
+    from sage_finetune_plugin.training.memory import GIB
+
+    small_gpu = Hardware(cuda=True, cuda_bf16=True, cuda_memory=2 * GIB)
+    assert PresetConfigs.auto(hardware=small_gpu).preset == "minimal"  # the presets own models
+    tiny = PresetConfigs.auto(str(tiny_model_dir), hardware=small_gpu)
+    assert tiny.preset == "a100" and tiny.model_name == str(tiny_model_dir)
+    unknown = PresetConfigs.auto("/no/such/model", hardware=small_gpu)  # no config to size
+    assert unknown.preset == "minimal" and unknown.model_name == "/no/such/model"
+    assert PresetConfigs.auto(str(tiny_model_dir), hardware=Hardware()).preset == "cpu"
+
+
 @pytest.mark.gpu
 def test_auto_on_this_gpu_is_a_gpu_preset():
     assert PresetConfigs.auto().preset in ("minimal", "rtx_3060", "rtx_4090", "a100")

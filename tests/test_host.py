@@ -217,4 +217,5 @@ def test_standalone_script(tmp_path):
     root = make_root(tmp_path)
     proc = run_cli("sage-finetune", "list", env={**os.environ, "SAGE_FINETUNE_HOME": str(root)})
     assert proc.returncode == 0 and "alpha" in proc.stdout
-    assert "--version" in proc.stdout or run_cli("sage-finetune", "--version").returncode == 0
+    version = run_cli("sage-finetune", "--version", check=True)
+    assert version.stdout.startswith("sage-finetune-plugin, version ")

@@ -325,6 +325,11 @@ def test_the_trainer_reuses_the_quickstart_cache(tmp_path: Path, tiny_model_dir:
             "Unknown data format",
         ),
         (("quickstart", "code", "--name", "../up"), 1, "Invalid task name '../up'"),
+        (
+            ("quickstart", "custom", "--data", "x.jsonl", "--preset", "rtx3060"),
+            2,
+            "'rtx3060' is not one of",
+        ),
     ],
 )
 def test_usage_errors(args: tuple[str, ...], code: int, expected: str) -> None:

@@ -151,11 +151,13 @@ def launch(
     task_dir = task.path.resolve()
     holds_rank0 = options.node_rank == 0
     with task.lock() if holds_rank0 else contextlib.nullcontext():
+        task.clear_cancel()
         config_file = write_launch_config(task_dir, config, options, hardware)
         ranks = _local_ranks(options)
         _clear_rank_files(task_dir, ranks)
         command = launch_command(task_dir, options, config_file, resume=resume)
         returncode, launcher_errors = _run(command, _worker_env(config, options))
+        task.clear_cancel()
     if returncode != 0:
         _write_launcher_log(task_dir, options, launcher_errors)
         error = _failure(task, returncode, ranks if ranks else None, launcher_errors)

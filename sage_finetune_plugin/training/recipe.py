@@ -23,7 +23,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +65,8 @@ logger = logging.getLogger(__name__)
 
 
 class LoRATrainer:
-    """Train a LoRA adapter for ``config``; outputs go to ``task_dir`` (default: output_dir).
+    """Train a LoRA adapter for ``config``; outputs go to ``task_dir`` (a folder or a Task;
+    default: ``config.output_dir``).
 
     ``callbacks`` are extra ``transformers.TrainerCallback`` objects; ``progress`` receives a
     ``RunProgress`` at every step and logging step (without one, logging steps go to
@@ -78,18 +79,18 @@ class LoRATrainer:
         self,
         config: TrainingConfig,
         *,
-        task_dir: str | os.PathLike[str] | None = None,
+        task_dir: Task | str | os.PathLike[str] | None = None,
         callbacks: Sequence[Any] | None = None,
         progress: ProgressSink | None = None,
         hardware: Hardware | None = None,
     ) -> None:
         config.validate()
         self.config = config
-        self.task_dir = Path(task_dir if task_dir is not None else config.output_dir)
+        self.task = task_dir if isinstance(task_dir, Task) else None
+        self.task_dir = self.task.path if self.task else Path(task_dir or config.output_dir)
         self.callbacks = list(callbacks or [])
         self.progress = progress
         self.hardware = hardware
-        self.task: Task | None = None
         self.runtime: Runtime | None = None
         self.model_path: Path | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
@@ -118,8 +119,6 @@ class LoRATrainer:
         with self._run_lock() as lock:
             if lock is not None and lock.took_over is not None:
                 self._note(f"took over the stale lock of dead process {lock.took_over.get('pid')}")
-            if not launched() and is_main_process():  # the launcher clears it for its ranks
-                (self.task_dir / CANCEL_FILE).unlink(missing_ok=True)
             self._update_meta(status="training", training=self.config.to_dict(), progress={})
             try:
                 return self._run(resume_from_checkpoint, started)
@@ -361,12 +360,20 @@ class LoRATrainer:
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def _run_lock(self) -> Any:
+    @contextlib.contextmanager
+    def _run_lock(self) -> Iterator[RunLock | None]:
         """The task's run lock, taken by rank 0 only, and not at all under ``launch`` (the
-        launcher holds it for all ranks)."""
+        launcher holds it for all ranks). A cancel request is only valid while it is held."""
         if launched() or not is_main_process():
-            return contextlib.nullcontext()
-        return RunLock(self.task_dir)
+            yield None
+            return
+        cancel_file = self.task_dir / CANCEL_FILE
+        with RunLock(self.task_dir) as lock:
+            cancel_file.unlink(missing_ok=True)
+            try:
+                yield lock
+            finally:
+                cancel_file.unlink(missing_ok=True)
 
     def _runtime(self) -> Runtime:
         if self.runtime is None:
