@@ -141,7 +141,10 @@ def test_top_level_modules_import_nothing_heavy(tmp_path: Path):
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "PYTHONPATH": str(site)},
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
+        },
     )
     assert proc.returncode == 0, proc.stderr
     assert len(TOP_LEVEL) > 15

@@ -140,7 +140,10 @@ def blocker(tmp_path: Path, *modules: str) -> dict:
             """
         )
     )
-    return {**os.environ, "PYTHONPATH": str(site)}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
+    }
 
 
 def test_host_survives_a_plugin_that_cannot_load(tmp_path):
