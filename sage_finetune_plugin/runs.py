@@ -30,6 +30,7 @@ from .task import Task
 from .training.launch import LaunchOptions, launch_command, launch_config_path
 from .training.memory import (
     DEFAULT_MARGIN,
+    GIB,
     MemoryEstimate,
     available_memory,
     estimate_memory,
@@ -110,10 +111,9 @@ class RunPlan:
         """``fits: 1.2 GiB estimated peak (+10% margin), 20 GiB available on cpu``."""
         if self.memory is None or self.available is None:
             return "not estimated"
-        gib = 2**30
         return (
-            f"{'fits' if self.fits else 'does not fit'}: {self.memory.total / gib:.2f} GiB "
-            f"estimated peak (+{DEFAULT_MARGIN:.0%} margin), {self.available / gib:.2f} GiB "
+            f"{'fits' if self.fits else 'does not fit'}: {self.memory.total / GIB:.2f} GiB "
+            f"estimated peak (+{DEFAULT_MARGIN:.0%} margin), {self.available / GIB:.2f} GiB "
             f"available on {self.memory.device}"
         )
 
