@@ -243,6 +243,9 @@ def prepare_dataset(
         if isinstance(data, LoadedData)
         else load_normalized(data, options.read_options(skip_invalid), digest)
     )
+    if origin is not None and len(origin) == len(loaded):  # errors name the user's records
+        locations = origin.dataset["location"]
+        loaded.dataset = loaded.dataset.remove_columns("location").add_column("location", locations)
     with _progress_bars(len(loaded)):
         tokenized = _tokenize(loaded, renderer, key, keep_empty=True)
         stats = _statistics(origin or loaded, tokenized, renderer, options)
@@ -329,7 +332,7 @@ def _statistics(
     warnings = list(loaded.warnings)
     too_long = int((full_lengths > options.max_length).sum())
     if too_long / len(full_lengths) >= TRUNCATION_WARNING_SHARE:
-        whole = int(np.ceil(np.percentile(full_lengths, WHOLE_SHARE * 100)))
+        whole = int(np.percentile(full_lengths, WHOLE_SHARE * 100, method="higher"))
         warnings.append(
             f"{too_long} of {len(full_lengths)} samples ({too_long / len(full_lengths):.0%}) "
             f"are longer than max_length {options.max_length} and lose their end; max_length "
