@@ -183,6 +183,7 @@ def test_records_that_sft_cannot_train_are_refused_in_one_line(
         ),
         ({"instruction": "i", "output": "o", "images": []}, None),
         ({"text": "a label of 1", "label": 1}, None),
+        ({"text": "a classified text", "label": True}, None),
     ],
 )
 def test_record_kind(record: dict, kind: str | None) -> None:
@@ -701,3 +702,18 @@ def test_chinese_alpaca_on_the_cpu_preset_warns_about_truncation(tmp_path: Path)
     suggested = int(warning.rsplit("--max-length ", 1)[1].rstrip(")"))
     assert suggested > 256
     print(f"\n{warning}\n{stats['truncated']} truncated of {stats['samples']} train samples")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("custom", "--data", "x.jsonl", "--columns", "output"), "takes KEY=VALUE pairs"),
+        (("custom", "--data", "x.jsonl", "--replace", "name"), "takes KEY=VALUE"),
+        (("code", "--columns", "output=reply"), "--columns and --replace are for your own data"),
+    ],
+)
+def test_data_option_usage_errors(args: tuple[str, ...], expected: str) -> None:
+    Path("x.jsonl").write_text('{"text": "t"}\n')
+    result = invoke("quickstart", *args)
+    assert result.exit_code == 2, result.output
+    assert expected in result.output and "Traceback" not in result.output

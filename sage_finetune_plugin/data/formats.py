@@ -84,7 +84,7 @@ COLUMN_FIELDS = (
     "content",
 )
 
-_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][\w.-]*)\s*\}\}")
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_]\w*)\s*\}\}")
 
 
 def resolve_format(name: str | None) -> str | None:
@@ -133,7 +133,9 @@ MEDIA_PART_TYPES = frozenset(
     }
 )
 _PAIRS = (("chosen", "rejected"), ("chosen_messages", "rejected_messages"))
-_KTO_KEYS = ("label", "kto_tag")
+#: A boolean ``label`` (TRL) marks KTO data on records with an answer; ``kto_tag``
+#: (LLaMA-Factory) always does.
+_ANSWER_KEYS = ("completion", "messages", "conversations", "output", "answer", "response")
 
 
 def record_kind(record: Any) -> str | None:
@@ -155,9 +157,11 @@ def _kind(record: Any) -> tuple[str, str] | None:
         last = turns[-1] if isinstance(turns, list) and turns else None
         if isinstance(last, Mapping) and "chosen" in last and "rejected" in last:
             return "preference", f"the last turn of {key!r} split into chosen and rejected"
-    for key in _KTO_KEYS:
-        if isinstance(record.get(key), bool):
-            return "kto", f"answers marked good or bad by a boolean {key!r}"
+    if isinstance(record.get("kto_tag"), bool) or (
+        isinstance(record.get("label"), bool) and any(k in record for k in _ANSWER_KEYS)
+    ):
+        key = "kto_tag" if "kto_tag" in record else "label"
+        return "kto", f"answers marked good or bad by a boolean {key!r}"
     for key in MEDIA_KEYS:
         if record.get(key) not in (None, "", [], {}):
             return "multimodal", f"a non-empty {key!r} column"
@@ -544,13 +548,13 @@ def _keys(record: Mapping[str, Any]) -> str:
     return ", ".join(sorted(str(k) for k in record)) or "none"
 
 
-def map_columns(record: Mapping[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
+def map_columns(record: Mapping[str, Any], columns: Mapping[str, str]) -> Mapping[str, Any]:
     """``record`` with its mapped columns under their canonical names. A canonical name that is
     already there stays usable when the mapped column is absent (a task's own data/train.jsonl
     is written in canonical names)."""
     top = {f: c for f, c in columns.items() if f not in ("role", "content") and c in record}
     if not top:
-        return dict(record)
+        return record
     renamed = {k: v for k, v in record.items() if k not in top.values()}
     renamed.update({f: record[c] for f, c in top.items()})
     return renamed
@@ -579,7 +583,8 @@ class Validator:
     def normalize(self, record: Any, location: str) -> dict[str, Any]:
         if not isinstance(record, Mapping):
             raise Invalid("not an object", f"expected a JSON object, found {json_type(record)}")
-        record = map_columns(record, self.columns)
+        if self.columns:
+            record = map_columns(record, self.columns)
         kind = _kind(record)
         if kind is not None:
             raise Unsupported(*kind)

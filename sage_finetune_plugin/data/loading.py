@@ -24,7 +24,6 @@ from .formats import (
     Unsupported,
     Validator,
     canonical_record,
-    check_columns,
     combined_format,
     placeholder_warning,
     resolve_format,
@@ -131,7 +130,6 @@ def load_normalized(path: DataSource, options: ReadOptions, digest: str) -> Load
     from datasets.arrow_writer import ArrowWriter
     from datasets.fingerprint import get_temporary_cache_files_directory
 
-    columns = check_columns(options.columns)
     if is_records(path):
         records = ((f"record {n}", r) for n, r in enumerate(path, 1))  # type: ignore[arg-type]
         sources: list[tuple[str, Iterator[tuple[str, Any]], bool]] = [("<records>", records, False)]
@@ -150,7 +148,7 @@ def load_normalized(path: DataSource, options: ReadOptions, digest: str) -> Load
     try:
         with ArrowWriter(features=normalized_features(), path=arrow_file) as writer:
             for source_name, records, named in sources:
-                validator = Validator(options.format, columns, options.placeholders)
+                validator = Validator(options.format, options.columns, options.placeholders)
                 read = invalid = 0
                 for location, record in records:
                     read += 1

@@ -331,8 +331,9 @@ READERS: dict[str, Callable[[Path], Iterator[tuple[str, Any]]]] = {
 }
 
 
-def read_records(source: Path) -> Iterator[tuple[str, Any]]:
-    """``(location, record)`` pairs of one file or saved dataset folder."""
+def read_records(source: str | os.PathLike[str]) -> Iterator[tuple[str, Any]]:
+    """``(location, record)`` pairs of everything ``source`` names (a file, a folder, a glob,
+    a dataset id), in order; other data layers (preference data) read through this too."""
     for found in _expand(os.fspath(source)):
         yield from found.records()
 
