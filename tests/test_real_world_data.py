@@ -560,6 +560,9 @@ def test_columns_map_other_field_names(tmp_path: Path, tokenizer, tiny_model_dir
         "system": "persona",
     }
     assert_run_trains_the_same(task, path, tokenizer)  # run --set data_path=raw.jsonl reads it too
+    held_out = write_jsonl(tmp_path / "eval.jsonl", [dict(raw[0], response="Four.")] * 2)
+    prepared = prepare_dataset(path, tokenizer, config, eval_data=held_out)  # eval data too
+    assert len(prepared.eval) == 2 and "Four." in trained_text(tokenizer, prepared.eval[0])
 
 
 def test_columns_for_conversation_turns(tmp_path: Path) -> None:
