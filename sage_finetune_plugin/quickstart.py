@@ -23,12 +23,12 @@ from .data import (
     CodeDataset,
     DataStats,
     LoadedData,
+    WrongFormat,
     build_code_dataset,
     load_training_data,
     prepare_dataset,
     preview_samples,
 )
-from .data.loading import WrongFormat
 from .errors import DataError, ModelError, TaskError, UsageProblem
 from .locks import RunLock
 from .meta import TaskMeta, save_meta
