@@ -2,8 +2,9 @@
 
 ``load_chat_model`` picks and loads the model; ``ChatSession`` keeps the conversation, renders
 it through the model's chat template and generates (greedy unless a temperature is given),
-stopping at EOS or the template's end-of-turn token. Text is streamed through a callback; the
-CLI does the printing.
+stopping at EOS or the template's end-of-turn token. A task trained with a default system
+prompt (``quickstart --system``) is talked to with it unless another one is given. Text is
+streamed through a callback; the CLI does the printing.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ Progress = Callable[[str], None]
 
 @dataclass
 class ChatModel:
-    """A loaded model ready to chat, and a description of where it came from."""
+    """A loaded model ready to chat, a description of where it came from, and the task's
+    default system prompt (None if it has none)."""
 
     model: Any
     tokenizer: Any
     description: str
+    system: str | None = None
 
 
 def load_chat_model(
@@ -49,13 +52,15 @@ def load_chat_model(
     report = progress or (lambda _message: None)
     task = Task.of(task, root)
     device = inference_runtime(hardware)
-    trust, base_name = task.trust_remote_code, task.base_model
+    trust, base_name, system = task.trust_remote_code, task.base_model, task.system_prompt
     if base:
-        return _load_base(base_name, trust, device, report)
+        chat = _load_base(base_name, trust, device, report)
+        chat.system = system  # the same prompt as the fine-tune, for a fair comparison
+        return chat
     merged = task.merged_dir
     if merged is not None and is_model_dir(merged):
         report(f"Loading the merged model {merged}")
-        return ChatModel(*_load_folder(merged, trust, device), f"merged model {merged}")
+        return ChatModel(*_load_folder(merged, trust, device), f"merged model {merged}", system)
     if merged is not None:
         report(f"The merged model {merged} is missing or incomplete; using base + adapter.")
     try:
@@ -68,6 +73,7 @@ def load_chat_model(
         _with_adapter(chat.model, adapter),
         load_adapter_tokenizer(adapter, base_name, trust_remote_code=trust),
         f"{base_name} + adapter {adapter}",
+        system,
     )
 
 
@@ -131,7 +137,8 @@ class ChatSession:
         self.model = chat.model
         self.tokenizer = chat.tokenizer
         self.description = chat.description
-        self.system = system
+        #: None: the task's default system prompt; "" for none at all.
+        self.system = system if system is not None else chat.system
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config)

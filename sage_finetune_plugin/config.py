@@ -102,6 +102,17 @@ class TrainingConfig:
     max_length: int = _help("Longest sample in tokens; longer ones are truncated.", default=1024)
     train_on_prompt: bool = _help("Also compute the loss on prompt tokens.", default=False)
     packing: bool = _help("Pack several samples into one sequence.", default=False)
+    columns: dict[str, str] | None = _help(
+        "Fields found under other names: {field: your column}, e.g. {'output': 'response'} "
+        "(role and content: the keys inside conversation turns).",
+        default=None,
+    )
+    placeholders: dict[str, str] | None = _help(
+        "Values for {{KEY}} placeholders in the data: {KEY: value}.", default=None
+    )
+    system_prompt: str | None = _help(
+        "System prompt for records without one (training and chat).", default=None
+    )
 
     # Schedule
     output_dir: str = _help(
@@ -195,6 +206,12 @@ class TrainingConfig:
             raise ConfigError(f"num_threads must be at least 1, got {self.num_threads}.")
         if not self.model_name.strip():
             raise ConfigError("model_name is empty: give a hub id or a local directory.")
+        for name in ("columns", "placeholders"):
+            mapping = getattr(self, name)
+            if mapping is not None and not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
+            ):
+                raise ConfigError(f"{name} must map names to strings, got {mapping!r}.")
         self.lora.validate()
 
     # --- JSON round trip -------------------------------------------------------------------
@@ -294,7 +311,8 @@ def parse_setting(text: str) -> tuple[str, Any]:
     """``"KEY=VALUE"`` as (key, value typed by the field's annotation).
 
     Booleans take true/false (yes/no, on/off, 1/0); optional fields take none or null;
-    ``lora.target_modules`` takes ``all-linear`` or a comma-separated list of module names.
+    ``lora.target_modules`` takes ``all-linear`` or a comma-separated list of module names;
+    mappings (``columns``, ``placeholders``) take ``KEY=VALUE,KEY=VALUE`` or a JSON object.
     Raises ConfigError for a malformed setting, an unknown key (naming the closest ones) or a
     value of the wrong type.
     """
@@ -322,6 +340,8 @@ def _typed(key: str, raw: str, hint: Any) -> Any:
         if not names:
             raise ConfigError(f"{key} needs all-linear or module names, got {raw!r}.")
         return ALL_LINEAR if names == [ALL_LINEAR] else names
+    if dict in allowed:
+        return parse_mapping(raw, key)
     if bool in allowed:
         if word in _TRUE_WORDS:
             return True
@@ -339,6 +359,27 @@ def _typed(key: str, raw: str, hint: Any) -> Any:
         return raw
     wanted = " or ".join(_type_words(allowed))
     raise ConfigError(f"{key} must be {wanted}, got {raw!r}.")
+
+
+def parse_mapping(text: str, what: str) -> dict[str, str]:
+    """``"a=b,c=d"`` (or a JSON object of strings) as a dict; ConfigError naming ``what``."""
+    if text.strip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{what}: invalid JSON object ({exc.msg}).") from None
+        if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
+            return value
+        raise ConfigError(f"{what} must be a JSON object of strings, got {text!r}.")
+    mapping = {}
+    for item in filter(str.strip, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConfigError(f"{what} takes KEY=VALUE pairs separated by commas, got {item!r}.")
+        mapping[key.strip()] = value.strip()
+    if not mapping:
+        raise ConfigError(f"{what} takes KEY=VALUE pairs separated by commas, got {text!r}.")
+    return mapping
 
 
 def _type_words(allowed: tuple[type, ...]) -> list[str]:
@@ -422,4 +463,6 @@ def _allowed_types(hint: Any) -> tuple[type, ...] | None:
         return (hint,)
     if typing.get_origin(hint) is list:
         return (list,)
+    if typing.get_origin(hint) is dict:
+        return (dict,)
     return None

@@ -31,6 +31,9 @@ TASK_FIELDS = (
     "data_format",
     "train_on_prompt",
     "output_dir",
+    "columns",
+    "placeholders",
+    "system_prompt",
 )
 
 

@@ -2,7 +2,10 @@
 
 ``quickstart`` writes ``<root>/<task>/`` (``data/train.jsonl``, ``training_config.json``,
 ``finetune_meta.json`` and the tokenized-data cache) in a hidden folder next to it and renames
-it into place at the end, so a failure never leaves half a task or loses the old one.
+it into place at the end, so a failure never leaves half a task or loses the old one. The
+user's data (one or several sources) is validated and written once, in the canonical keys of
+its format, to ``data/train.jsonl``; how it was read (column names, placeholders) and the
+default system prompt go into the training config, so ``run`` and ``chat`` use them too.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,12 +23,13 @@ from .data import (
     CodeDataset,
     DataStats,
     LoadedData,
+    WrongFormat,
     build_code_dataset,
     load_training_data,
     prepare_dataset,
     preview_samples,
 )
-from .errors import ModelError, TaskError, UsageProblem
+from .errors import DataError, ModelError, TaskError, UsageProblem
 from .locks import RunLock
 from .meta import TaskMeta, save_meta
 from .paths import (
@@ -46,6 +50,11 @@ TASK_TYPES: dict[str, str | None] = {
     "chat": "conversation",
     "custom": None,
 }
+
+#: The task type to suggest for data of each format.
+_TASK_FOR_FORMAT = {"alpaca": "instruction", "qa": "qa", "conversation": "chat"}
+
+DataArgument = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
 
 @dataclass
@@ -68,7 +77,7 @@ class QuickstartResult:
 def quickstart(
     task_type: str,
     *,
-    data: str | os.PathLike[str] | None = None,
+    data: DataArgument | None = None,
     source: str | os.PathLike[str] | None = None,
     name: str | None = None,
     data_format: str | None = None,
@@ -79,17 +88,25 @@ def quickstart(
     root: str | os.PathLike[str] | None = None,
     preview: int = 0,
     on_status: Callable[[str], None] | None = None,
+    columns: Mapping[str, str] | None = None,
+    placeholders: Mapping[str, str] | None = None,
+    system_prompt: str | None = None,
+    max_length: int | None = None,
 ) -> QuickstartResult:
     """Create ``<root>/<name>`` (default name: the task type) ready for ``sage finetune run``.
 
     ``code`` builds its data from ``source`` (default: the current directory); the other
-    types read ``data`` (``qa``, ``instruction`` and ``chat`` force their format unless
-    ``data_format`` is given; ``custom`` detects it). The model's tokenizer, when it can be
-    loaded, tokenizes the data once: that fills the statistics, the preview and the cache
-    that ``run`` reuses. An existing task is replaced only with ``force``. ``on_status``
-    receives progress lines.
+    types read ``data``: a file, a folder, a glob, a Hugging Face dataset id, or a list of
+    these, combined in order (``qa``, ``instruction`` and ``chat`` force their format unless
+    ``data_format`` is given; ``custom`` detects it per source). ``columns`` maps fields to the
+    names the files use, ``placeholders`` fills ``{{KEY}}`` in the text, ``system_prompt`` opens
+    every conversation without a system message (in training and in ``chat``), ``max_length``
+    overrides the preset's. The model's tokenizer, when it can be loaded, tokenizes the data
+    once: that fills the statistics, the warnings, the preview and the cache that ``run``
+    reuses. An existing task is replaced only with ``force``. ``on_status`` receives progress
+    lines.
     """
-    _check_arguments(task_type, data, source, data_format)
+    _check_arguments(task_type, data, source, data_format, columns, placeholders)
     target = new_task_dir(name or task_type, root)
     replacing = _check_target(target, force)
     config = PresetConfigs.auto(model) if preset == "auto" else PresetConfigs.get(preset)
@@ -100,11 +117,16 @@ def quickstart(
         loaded = load_training_data(code.records, "alpaca")
     else:
         assert data is not None
-        loaded = load_training_data(
-            data, data_format or TASK_TYPES[task_type], skip_invalid=skip_invalid
-        )
+        loaded = _load(task_type, data, data_format, skip_invalid, columns, placeholders)
     config = config.replace(
-        model_name=model_name, data_path=DATASET_FILE, output_dir=".", data_format=loaded.format
+        model_name=model_name,
+        data_path=DATASET_FILE,
+        output_dir=".",
+        data_format=loaded.format,
+        columns=dict(columns) if columns else None,
+        placeholders=dict(placeholders) if placeholders else None,
+        system_prompt=system_prompt or None,
+        **({"max_length": max_length} if max_length is not None else {}),
     )
     # Replacing a task: hold its run lock, so that it cannot be trained while it is replaced.
     with (
@@ -115,7 +137,7 @@ def quickstart(
         if on_status is not None:
             on_status(f"Tokenizing {len(loaded)} records for {config.model_name}")
         stats, samples, warnings = _tokenize_once(building, loaded, config, preview)
-        meta = _write_meta(building, task_type, config, loaded, stats, data, code)
+        meta = _write_meta(building, task_type, config, loaded, stats, _data_file(data), code)
     return QuickstartResult(
         task_dir=target,
         meta=meta,
@@ -131,21 +153,69 @@ def quickstart(
     )
 
 
-def _check_arguments(task_type: str, data: Any, source: Any, data_format: str | None) -> None:
+def _check_arguments(
+    task_type: str,
+    data: Any,
+    source: Any,
+    data_format: str | None,
+    columns: Any,
+    placeholders: Any,
+) -> None:
     if task_type not in TASK_TYPES:
         raise UsageProblem(
             f"Unknown task type {task_type!r}: choose one of {', '.join(TASK_TYPES)}."
         )
     if task_type == "code":
-        if data is not None or data_format is not None:
+        if data is not None or data_format is not None or columns or placeholders:
             raise UsageProblem(
-                "quickstart code builds its data from --source; "
-                "for your own data use `quickstart custom --data FILE`."
+                "quickstart code builds its data from --source (--data, --format, --columns "
+                "and --replace are for your own data: `quickstart custom --data FILE`)."
             )
     elif data is None:
         raise UsageProblem(f"quickstart {task_type} needs --data FILE (your training data).")
     elif source is not None:
         raise UsageProblem("--source is for `quickstart code` only.")
+
+
+def _load(
+    task_type: str,
+    data: DataArgument,
+    data_format: str | None,
+    skip_invalid: bool,
+    columns: Mapping[str, str] | None,
+    placeholders: Mapping[str, str] | None,
+) -> LoadedData:
+    """The user's data, read as the task type asks; records of another format are refused
+    with the task type that fits them."""
+    try:
+        return load_training_data(
+            data,
+            data_format or TASK_TYPES[task_type],
+            skip_invalid=skip_invalid,
+            columns=columns,
+            placeholders=placeholders,
+        )
+    except WrongFormat as exc:
+        if data_format is not None:
+            raise
+        fits = _TASK_FOR_FORMAT.get(exc.found)
+        instead = f"`quickstart {fits}` or `quickstart custom`" if fits else "`quickstart custom`"
+        raise DataError(
+            f"{exc.where}: {exc.detail}: `quickstart {task_type}` reads {exc.expected} data; "
+            f"for {exc.found} data use {instead} (which detects the format)."
+        ) from None
+
+
+def _data_file(data: DataArgument | None) -> str | None:
+    """What the meta's ``data_file`` records: the one source the user named (a path resolved,
+    a dataset id or a glob as given); None for several (``data_stats.sources`` lists them)."""
+    if data is None:
+        return None
+    items = [data] if isinstance(data, str | os.PathLike) else list(data)
+    if len(items) != 1:
+        return None
+    path = Path(items[0]).expanduser()
+    return str(path.resolve()) if path.exists() else os.fspath(items[0])
 
 
 def _check_target(target: Path, force: bool) -> bool:
@@ -185,19 +255,21 @@ def _tokenize_once(
     try:
         tokenizer = load_tokenizer(config.model_name, trust_remote_code=config.trust_remote_code)
     except ModelError as exc:
-        return None, [], [f"Token statistics and preview skipped: {exc}"]
+        return None, [], [*loaded.warnings, f"Token statistics and preview skipped: {exc}"]
     stats = prepare_dataset(
-        folder / DATASET_FILE, tokenizer, config, cache_dir=folder / PREPARED_CACHE
+        folder / DATASET_FILE,
+        tokenizer,
+        config,
+        cache_dir=folder / PREPARED_CACHE,
+        origin=loaded,
     ).stats
-    stats.records_read = loaded.records_read
-    stats.dropped = {**loaded.dropped, **stats.dropped}
-    stats.drop_examples = {**loaded.drop_examples, **stats.drop_examples}
     samples = preview_samples(
         loaded,
         tokenizer,
         preview,
         max_length=config.max_length,
         train_on_prompt=config.train_on_prompt,
+        system_prompt=config.system_prompt,
     )
     return stats, samples, []
 
@@ -208,7 +280,7 @@ def _write_meta(
     config: TrainingConfig,
     loaded: LoadedData,
     stats: DataStats | None,
-    data: str | os.PathLike[str] | None,
+    data_file: str | None,
     code: CodeDataset | None,
 ) -> TaskMeta:
     if stats is not None:
@@ -217,7 +289,10 @@ def _write_meta(
         data_stats = {
             "records_read": loaded.records_read,
             "records_kept": len(loaded),
+            "records_invalid": loaded.records_dropped,
             "dropped": loaded.dropped,
+            "sources": loaded.sources,
+            "warnings": loaded.warnings,
         }
         samples = len(loaded)
     if code is not None:
@@ -231,7 +306,7 @@ def _write_meta(
         config=CONFIG_FILE,
         output_dir=".",
         code_root=str(code.source) if code else None,
-        data_file=str(Path(data).expanduser().resolve()) if data is not None else None,
+        data_file=data_file,
         preset=config.preset,
         num_samples=samples,
         data_stats=data_stats,

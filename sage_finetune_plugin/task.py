@@ -88,6 +88,12 @@ class Task:
     def trust_remote_code(self) -> bool:
         return bool(self.meta.training.get("trust_remote_code", False))
 
+    @property
+    def system_prompt(self) -> str | None:
+        """The default system prompt the task was trained with (``quickstart --system``)."""
+        value = self.meta.training.get("system_prompt")
+        return value if isinstance(value, str) and value else None
+
     def recorded_config(self, *, resume: bool = False) -> TrainingConfig:
         """The hyperparameters recorded for the task, its data paths resolved.
 

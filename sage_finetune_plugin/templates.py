@@ -41,6 +41,39 @@ def ensure_chat_template(tokenizer: Any) -> None:
         tokenizer.chat_template = FALLBACK_TEMPLATE
 
 
+def supports_tools(tokenizer: Any) -> bool:
+    """Whether the chat template renders a ``tools`` list, an assistant's ``tool_calls`` and a
+    ``tool`` message (checked by rendering a probe conversation)."""
+    if not has_chat_template(tokenizer):
+        return False
+    tool, call, result = (f"{_PROBE}-{part}".replace("-", "_") for part in ("tool", "call", "out"))
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": tool,
+                "description": "probe",
+                "parameters": {"type": "object", "properties": {}},
+            },
+        }
+    ]
+    conversation = [
+        {"role": "user", "content": "hi"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": call, "arguments": {}}}],
+        },
+        {"role": "tool", "content": result},
+        {"role": "assistant", "content": "done"},
+    ]
+    try:
+        text = tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False)
+    except Exception:  # a template that refuses tool messages has no tool support
+        return False
+    return all(name in text for name in (tool, call, result))
+
+
 def end_of_turn_id(tokenizer: Any) -> int | None:
     """The special token the chat template writes right after an assistant message, if any."""
     conversation = [

@@ -79,6 +79,7 @@ def test_alpaca_round_trips_through_canonical_records(tmp_path: Path) -> None:
     assert row["context"] == "chat" and row["messages"][0] == {
         "role": "system",
         "content": "Be brief.",
+        "extra": "",
     }
 
 
@@ -163,10 +164,10 @@ def error_for(path: Path, **kwargs) -> str:
 
 def test_missing_and_unsupported_files(tmp_path: Path) -> None:
     assert "no such file" in error_for(tmp_path / "nope.jsonl")
-    (tmp_path / "d.txt").write_text("hello")
-    assert "unsupported file type '.txt'" in error_for(tmp_path / "d.txt")
+    (tmp_path / "d.xml").write_text("<a/>")
+    assert "unsupported file type '.xml'" in error_for(tmp_path / "d.xml")
     (tmp_path / "dir").mkdir()
-    assert "not one written by datasets.save_to_disk" in error_for(tmp_path / "dir")
+    assert "a folder without data files" in error_for(tmp_path / "dir")
 
 
 def test_invalid_json_names_line_and_column(tmp_path: Path) -> None:
@@ -199,12 +200,12 @@ def test_mixed_formats_name_the_record_and_expected_keys(tmp_path: Path) -> None
         ({"instruction": "i", "output": 5}, "field 'output' must be a string, got int"),
         ({"instruction": "i", "input": ["x"], "output": "o"}, "field 'input' must be a string"),
         (
-            {"messages": [{"role": "tool", "content": "t"}, {"role": "assistant", "content": "a"}]},
-            "message 1 has unknown role 'tool'",
+            {"messages": [{"role": "bot", "content": "t"}, {"role": "assistant", "content": "a"}]},
+            "message 1 has unknown role 'bot'",
         ),
         (
             {"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]},
-            "message 1: 'content' must be a string, got int",
+            "message 1: 'content' must be a string or a list of text parts, got int",
         ),
         ({"messages": [{"role": "user", "content": "u"}]}, "has no assistant (or gpt) message"),
         ({"messages": "hello"}, "field 'messages' must be a list, got str"),

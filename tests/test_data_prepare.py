@@ -203,7 +203,8 @@ def test_truncation_drops_samples_without_answer_tokens(chat_tokenizer, tmp_path
     prepared = prepare([long_prompt, long_answer, short], chat_tokenizer, tmp_path, max_length=32)
     stats = prepared.stats
     assert (stats.records_read, stats.records_kept, stats.samples) == (3, 3, 2)
-    assert stats.dropped == {"no trainable tokens left after truncation": 1}
+    assert stats.dropped == {} and stats.truncation_dropped == 1  # not an invalid record
+    assert stats.records_invalid == 0 and stats.records_dropped == 1
     assert stats.truncated == 1  # the long answer, cut but kept
     lengths = sorted(prepared.train["length"])
     assert lengths[-1] == 32 == stats.length_max
@@ -284,9 +285,9 @@ def count_tokenize_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = Renderer.tokenize_batch
 
-    def counting(self, batch):
+    def counting(self, batch, **kwargs):
         calls.append(len(next(iter(batch.values()))))
-        return real(self, batch)
+        return real(self, batch, **kwargs)
 
     monkeypatch.setattr(Renderer, "tokenize_batch", counting)
     return calls

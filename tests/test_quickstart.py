@@ -230,9 +230,9 @@ def test_skip_invalid_reports_what_was_dropped(tmp_path: Path, tiny_model_dir: P
         "quickstart", "chat", "--data", str(data), "--skip-invalid", "--model", str(tiny_model_dir)
     )
     assert result.exit_code == 0, result.output
-    assert "records: 3 read, 1 valid, 2 dropped" in result.output
+    assert "records: 3 read, 1 valid, 2 invalid" in result.output
     assert (
-        "dropped 1: unknown role (e.g. line 3: message 1 has unknown role 'robot'" in result.output
+        "invalid 1: unknown role (e.g. line 3: message 1 has unknown role 'robot'" in result.output
     )
     stats = load_meta(Path("finetune_output/chat")).data_stats
     assert stats["dropped"] == {"invalid JSON": 1, "unknown role": 1}
@@ -369,7 +369,11 @@ def test_a_model_that_cannot_be_found_only_skips_token_statistics(tmp_path: Path
     result = invoke("quickstart", "qa", "--data", str(data), "--model", missing, "--preview", "1")
     assert result.exit_code == 0, result.output
     assert "Warning: Token statistics and preview skipped:" in result.output
-    assert "records: 2 read, 2 kept, 0 dropped" in result.output
+    assert "records: 2 read, 2 valid, 0 invalid" in result.output
     meta = load_meta(Path("finetune_output/qa"))
     assert meta.model == missing and meta.num_samples == 2
-    assert meta.data_stats == {"records_read": 2, "records_kept": 2, "dropped": {}}
+    stats = meta.data_stats
+    assert (stats["records_read"], stats["records_kept"], stats["records_invalid"]) == (2, 2, 0)
+    assert stats["sources"] == [
+        {"source": str(data), "format": "qa", "read": 2, "valid": 2, "invalid": 0}
+    ]

@@ -18,7 +18,12 @@ EXIT_WORDS = ("exit", "quit", "/exit", "/quit")
 @command("chat")
 @task_argument
 @click.option("--prompt", "-p", default=None, help="Answer this message and exit.")
-@click.option("--system", default=None, help="System prompt for the conversation.")
+@click.option(
+    "--system",
+    default=None,
+    help="System prompt for the conversation [default: the task's, from quickstart --system; "
+    "'' for none].",
+)
 @click.option("--base", is_flag=True, help="Talk to the base model, without the fine-tune.")
 @click.option(
     "--compare", is_flag=True, help="Answer with the base model, then the fine-tuned one."

@@ -16,9 +16,12 @@ from .run import run_command
 @click.argument("task_type", metavar="TASK_TYPE")
 @click.option(
     "--data",
-    metavar="FILE",
-    type=click.Path(path_type=Path),
-    help="Your training data (.json, .jsonl, .csv, .parquet or a datasets directory).",
+    metavar="SOURCE",
+    multiple=True,
+    help="Your training data: a .jsonl, .json, .csv, .parquet or .txt file (.txt: one sample "
+    "per block of lines separated by a blank line), a folder of such files or one written by "
+    "datasets.save_to_disk, a quoted glob ('data/*.jsonl'), or a Hugging Face dataset "
+    "ORG/NAME[:SPLIT] from the local datasets cache. Repeat to combine several, in order.",
 )
 @click.option(
     "--source",
@@ -32,7 +35,37 @@ from .run import run_command
     callback=lambda _ctx, _param, value: _data_format(value),
     help="Force the data format: alpaca, qa, conversation, prompt_completion or text.",
 )
-@click.option("--skip-invalid", is_flag=True, help="Drop malformed records instead of failing.")
+@click.option(
+    "--columns",
+    metavar="FIELD=COLUMN,...",
+    callback=lambda _ctx, _param, value: _mapping(value, "--columns"),
+    help="Read fields stored under other names, e.g. output=response,instruction=prompt "
+    "(role=KEY,content=KEY: the keys inside conversation turns).",
+)
+@click.option(
+    "--replace",
+    "replacements",
+    metavar="KEY=VALUE",
+    multiple=True,
+    help="Fill {{KEY}} placeholders in the data with VALUE (repeatable).",
+)
+@click.option(
+    "--system",
+    "system_prompt",
+    metavar="TEXT",
+    help="Default system prompt for records without one; `chat` uses it for this task too.",
+)
+@click.option(
+    "--max-length",
+    type=click.IntRange(min=2),
+    metavar="N",
+    help="Longest sample in tokens [default: the preset's].",
+)
+@click.option(
+    "--skip-invalid",
+    is_flag=True,
+    help="Drop malformed records instead of failing (never preference, KTO or media records).",
+)
 @click.option("--model", help="Base model: hub id or local directory [default: the preset's].")
 @click.option(
     "--preset",
@@ -53,10 +86,14 @@ from .run import run_command
 @root_option
 def quickstart_command(
     task_type: str,
-    data: Path | None,
+    data: tuple[str, ...],
     source: Path | None,
     name: str | None,
     data_format: str | None,
+    columns: dict[str, str] | None,
+    replacements: tuple[str, ...],
+    system_prompt: str | None,
+    max_length: int | None,
     skip_invalid: bool,
     model: str | None,
     preset: str,
@@ -74,6 +111,8 @@ def quickstart_command(
       instruction  alpaca instruction/input/output records from --data
       chat         conversations (messages or ShareGPT) from --data
       custom       any supported format from --data, detected
+
+    Preference pairs, KTO labels and multimodal records are refused with what to use instead.
     """
     from ..deps import require
 
@@ -83,12 +122,17 @@ def quickstart_command(
     if task_type == "code":
         scanned = (source or Path.cwd()).expanduser().resolve()
         status(f"Scanning Python files under {scanned}")
+    placeholders = _replacements(replacements)
     result = quickstart(
         task_type,
-        data=data,
+        data=list(data) or None,
         source=source,
         name=name,
         data_format=data_format,
+        columns=columns,
+        placeholders=placeholders,
+        system_prompt=system_prompt,
+        max_length=max_length,
         skip_invalid=skip_invalid,
         model=model,
         preset=preset,
@@ -115,6 +159,28 @@ def _data_format(value: str | None) -> str | None:
         raise click.BadParameter(str(exc)) from None
 
 
+def _mapping(value: str | None, option: str) -> dict[str, str] | None:
+    from ..config import parse_mapping
+    from ..errors import ConfigError
+
+    if not value:
+        return None
+    try:
+        return parse_mapping(value, option)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _replacements(items: tuple[str, ...]) -> dict[str, str] | None:
+    values = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"takes KEY=VALUE, got {item!r}.", param_hint="--replace")
+        values[key.strip()] = value
+    return values or None
+
+
 def _print_quickstart(result: Any) -> None:
     action = "replaced" if result.replaced else "created"
     click.echo(f"Task {result.task_dir.name!r} {action} at {result.task_dir}")
@@ -130,14 +196,17 @@ def _print_quickstart(result: Any) -> None:
         )
     if result.stats is not None:
         for line in result.stats.summary().splitlines():
-            click.echo(f"  {line}")
+            if line.startswith("warning: "):
+                status(f"Warning: {line.removeprefix('warning: ')}")
+            else:
+                click.echo(f"  {line}")
     else:
-        dropped = sum(result.dropped.values())
+        invalid = sum(result.dropped.values())
         click.echo(
-            f"  records: {result.records_read} read, {result.records_kept} kept, {dropped} dropped"
+            f"  records: {result.records_read} read, {result.records_kept} valid, {invalid} invalid"
         )
         for reason, count in result.dropped.items():
-            click.echo(f"  dropped {count}: {reason}")
+            click.echo(f"  invalid {count}: {reason}")
     for warning in result.warnings:
         status(f"Warning: {warning}")
     if result.preview:

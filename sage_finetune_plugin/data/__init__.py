@@ -1,19 +1,20 @@
 """The data layer: from the user's files to tokenized, masked, cached training samples.
 
-Stages, one module each: ``formats`` (recognise, validate, normalize a record), ``readers``
-(records from JSON, JSONL, CSV, Parquet, saved datasets), ``loading`` (validated records,
-memory-mapped), ``rendering`` (chat template, prompt masking, tokens and labels),
-``preparation`` (tokenize, statistics, eval split, cache), ``collators`` (padding, packing) and
-``code`` (datasets derived from a Python code base). datasets, transformers and torch are
-imported inside the functions that use them.
+Stages, one module each: ``formats`` (recognise, validate, normalize a record; refuse the kinds
+supervised fine-tuning does not train), ``readers`` (the sources a ``--data`` value names, and
+records from JSON, JSONL, CSV, Parquet, text files, saved and Hugging Face datasets),
+``loading`` (validated records of one or several sources, memory-mapped), ``rendering`` (chat
+template, prompt masking, tokens and labels), ``preparation`` (tokenize, statistics, eval split,
+cache), ``collators`` (padding, packing) and ``code`` (datasets derived from a Python code
+base). datasets, transformers and torch are imported inside the functions that use them.
 """
 
 from __future__ import annotations
 
 from .code import CodeDataset, build_code_dataset
 from .collators import PackingCollator, PaddingCollator, make_collator
-from .formats import FORMATS, canonical_record, resolve_format
-from .loading import LoadedData, load_training_data
+from .formats import FORMATS, canonical_record, record_kind, resolve_format
+from .loading import LoadedData, WrongFormat, load_training_data
 from .preparation import DataStats, PreparedDataset, prepare_dataset
 from .readers import content_hash
 from .rendering import (
@@ -36,6 +37,7 @@ __all__ = [
     "PaddingCollator",
     "PreparedDataset",
     "Renderer",
+    "WrongFormat",
     "build_code_dataset",
     "canonical_record",
     "content_hash",
@@ -47,5 +49,6 @@ __all__ = [
     "make_collator",
     "prepare_dataset",
     "preview_samples",
+    "record_kind",
     "resolve_format",
 ]

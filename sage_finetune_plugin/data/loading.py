@@ -1,9 +1,11 @@
-"""Loading: read a source, validate and normalize every record, keep them memory-mapped.
+"""Loading: read the sources, validate and normalize every record, keep them memory-mapped.
 
-``load_training_data`` streams records from a reader through the format validator into an
-Arrow file that datasets memory-maps, so memory does not grow with the file. The format is
-detected from the first record (or forced) and every record must match it; a bad record stops
-with one line naming it, or is dropped and counted with ``skip_invalid``.
+``load_training_data`` streams records from each source through the format validator into an
+Arrow file that datasets memory-maps, so memory does not grow with the data. Each source's
+format is detected from its first record (or forced) and every record of it must match; a bad
+record stops with one line naming the source and the record, or is dropped and counted with
+``skip_invalid``. Records of a kind supervised fine-tuning does not train (preference, KTO,
+multimodal) always stop it. Sources in different chat formats are combined as conversations.
 """
 
 from __future__ import annotations
@@ -14,23 +16,59 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DataError
-from .formats import Invalid, Validator, canonical_record, resolve_format
-from .readers import content_hash, read_records
+from .formats import (
+    Invalid,
+    Unsupported,
+    Validator,
+    canonical_record,
+    combined_format,
+    placeholder_warning,
+    resolve_format,
+)
+from .readers import content_hash, is_records, resolve_sources
 
 if TYPE_CHECKING:
     from datasets import Dataset
+
+DataSource = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Sequence[Mapping[str, Any]]
+
+
+class WrongFormat(DataError):
+    """Records of one format where another was forced (``--format`` or a task type):
+    ``where`` names the record, ``detail`` the fields expected and found."""
+
+    def __init__(self, where: str, detail: str, *, expected: str, found: str) -> None:
+        super().__init__(
+            f"{where}: {detail}: force --format {found}, or let the format be detected."
+        )
+        self.where = where
+        self.detail = detail
+        self.expected = expected
+        self.found = found
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How records are read: a forced format, dropping bad records, column names, placeholders."""
+
+    format: str | None = None
+    skip_invalid: bool = False
+    columns: Mapping[str, str] | None = None
+    placeholders: Mapping[str, str] | None = None
 
 
 @dataclass
 class LoadedData:
     """Validated, normalized records (memory-mapped) and what loading found.
 
-    ``dataset`` has the columns kind, messages, context and location (see the module
-    docstring); ``records()`` gives them back in the canonical spelling of ``format``.
+    ``dataset`` has the columns kind, messages, context, tools and location (see
+    ``formats``); ``records()`` gives them back in the canonical spelling of ``format``.
+    ``dropped`` counts invalid records by reason; ``sources`` has one entry per source
+    (``source``, ``format``, ``read``, ``valid``, ``invalid``); ``warnings`` says what the
+    user should look at (placeholders left in the text).
     """
 
     dataset: Dataset
@@ -40,12 +78,15 @@ class LoadedData:
     records_read: int
     dropped: dict[str, int] = field(default_factory=dict)
     drop_examples: dict[str, str] = field(default_factory=dict)
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     @property
     def records_dropped(self) -> int:
+        """Records dropped as invalid (read = valid + dropped)."""
         return sum(self.dropped.values())
 
     def records(self) -> Iterator[dict[str, Any]]:
@@ -55,75 +96,132 @@ class LoadedData:
 
 
 def load_training_data(
-    path: str | os.PathLike[str] | Sequence[Mapping[str, Any]],
+    path: DataSource,
     format: str | None = None,
     *,
     skip_invalid: bool = False,
+    columns: Mapping[str, str] | None = None,
+    placeholders: Mapping[str, str] | None = None,
 ) -> LoadedData:
     """Read, validate and normalize training data.
 
-    ``path`` is a ``.json`` (a list, or an object holding one list), ``.jsonl``, ``.csv`` or
-    ``.parquet`` file, a directory written by ``datasets.save_to_disk``, or a list of records.
-    The format (alpaca, qa, conversation, prompt_completion, text) is detected from the first
-    record and every other record must match it, unless ``format`` forces one. A bad record
-    raises DataError naming it; with ``skip_invalid`` bad records are dropped and counted by
-    reason instead. No valid record left raises DataError.
+    ``path`` is a ``.jsonl``, ``.json`` (a list, or an object holding one list), ``.csv``,
+    ``.parquet`` or ``.txt`` file (one text sample per blank-line-separated block), a folder of
+    such files or a directory written by ``datasets.save_to_disk``, a glob, a Hugging Face
+    dataset id (``org/name[:split]``), a list of these (read in order), or a list of records.
+    Each source's format (alpaca, qa, conversation, prompt_completion, text) is detected from
+    its first record and every other record must match it, unless ``format`` forces one.
+    ``columns`` maps fields to the names a file uses (``{"output": "response"}``; ``role`` and
+    ``content`` for the keys of conversation turns); ``placeholders`` fills ``{{KEY}}`` in the
+    text. A bad record raises DataError naming it; with ``skip_invalid`` bad records are
+    dropped and counted by reason instead. Preference, KTO and multimodal records are refused
+    in any case. No valid record left raises DataError.
 
-    JSONL, CSV and Parquet are read one record at a time and the normalized records go to an
-    Arrow file that is memory-mapped, so memory does not grow with the file. A ``.json`` array
-    is parsed whole: use JSONL for large data.
+    JSONL, CSV, Parquet and text files are read one record at a time and the normalized
+    records go to an Arrow file that is memory-mapped, so memory does not grow with the data.
+    A ``.json`` array is parsed whole: use JSONL for large data.
     """
-    return load_normalized(path, resolve_format(format), skip_invalid, content_hash(path))
+    options = ReadOptions(resolve_format(format), skip_invalid, columns, placeholders)
+    return load_normalized(path, options, content_hash(path))
 
 
-def load_normalized(
-    path: str | os.PathLike[str] | Sequence[Mapping[str, Any]],
-    forced: str | None,
-    skip_invalid: bool,
-    digest: str,
-) -> LoadedData:
+def load_normalized(path: DataSource, options: ReadOptions, digest: str) -> LoadedData:
     from datasets import Dataset
     from datasets.arrow_writer import ArrowWriter
     from datasets.fingerprint import get_temporary_cache_files_directory
 
-    if isinstance(path, str | os.PathLike):
-        name, records = os.fspath(path), read_records(Path(path).expanduser())
+    if is_records(path):
+        records = ((f"record {n}", r) for n, r in enumerate(path, 1))  # type: ignore[arg-type]
+        sources: list[tuple[str, Iterator[tuple[str, Any]], bool]] = [("<records>", records, False)]
     else:
-        name, records = "<records>", ((f"record {n}", r) for n, r in enumerate(path, 1))
-    validator = Validator(forced)
+        found = resolve_sources(path)  # type: ignore[arg-type]
+        sources = [(source.name, source.records(), True) for source in found]
+    name = sources[0][0] if len(sources) == 1 else ", ".join(s[0] for s in sources)
     dropped: Counter[str] = Counter()
     examples: dict[str, str] = {}
-    read = 0
+    per_source: list[dict[str, Any]] = []
+    warnings: list[str] = []
     # datasets removes its temporary cache directory when the process ends; until then the
     # normalized file stays valid for everything derived from it (map, shuffle, ...).
     workdir = tempfile.mkdtemp(prefix="normalized-", dir=get_temporary_cache_files_directory())
     arrow_file = os.path.join(workdir, "normalized.arrow")
     try:
         with ArrowWriter(features=normalized_features(), path=arrow_file) as writer:
-            for location, record in records:
-                read += 1
-                try:
-                    if isinstance(record, Invalid):  # a line that could not be parsed
-                        raise record
-                    writer.write(validator.normalize(record, location))
-                except Invalid as exc:
-                    if not skip_invalid:
-                        hint = " (or pass --skip-invalid to drop bad records)"
-                        raise DataError(f"{name}: {location}: {exc}{hint}.") from None
-                    dropped[exc.reason] += 1
-                    examples.setdefault(exc.reason, f"{location}: {exc}")
+            for source_name, records, named in sources:
+                validator = Validator(options.format, options.columns, options.placeholders)
+                read = invalid = 0
+                for location, record in records:
+                    read += 1
+                    try:
+                        row = _normalize(validator, record, location, source_name, options)
+                    except Invalid as exc:  # only with skip_invalid
+                        invalid += 1
+                        dropped[exc.reason] += 1
+                        prefix = f"{source_name}: " if len(sources) > 1 else ""
+                        examples.setdefault(exc.reason, f"{prefix}{location}: {exc}")
+                        continue
+                    row["location"] = f"{source_name}: {location}" if named else location
+                    writer.write(row)
+                per_source.append(
+                    {
+                        "source": source_name,
+                        "format": validator.format or "",
+                        "read": read,
+                        "valid": read - invalid,
+                        "invalid": invalid,
+                    }
+                )
+                if validator.unfilled:
+                    example = f"{source_name}: {validator.unfilled_example}"
+                    warnings.append(
+                        placeholder_warning(validator.unfilled, validator.unfilled_records, example)
+                    )
             writer.finalize()
         dataset = Dataset.from_file(arrow_file)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
+    formats = {s["source"]: s["format"] for s in per_source if s["format"]}
     loaded = LoadedData(
-        dataset, validator.format or "", name, digest, read, dict(dropped), examples
+        dataset,
+        combined_format(formats) if formats else "",
+        name,
+        digest,
+        sum(s["read"] for s in per_source),
+        dict(dropped),
+        examples,
+        per_source,
+        warnings,
     )
     if not len(dataset):
         why = "; ".join(f"{n} {r} (e.g. {examples[r]})" for r, n in dropped.items())
         raise DataError(f"{name}: no valid training records" + (f": {why}." if why else "."))
     return loaded
+
+
+def _normalize(
+    validator: Validator, record: Any, location: str, source: str, options: ReadOptions
+) -> dict[str, Any]:
+    """The normalized row; DataError for a record that stops loading, Invalid for one that
+    ``skip_invalid`` drops."""
+    try:
+        if isinstance(record, Invalid):  # a line that could not be parsed
+            raise record
+        return validator.normalize(record, location)
+    except Unsupported as exc:
+        raise DataError(f"{source}: {location}: {exc.message(source)}.") from None
+    except Invalid as exc:
+        if options.skip_invalid:
+            raise
+        if exc.looks_like is not None and validator.forced:
+            raise WrongFormat(
+                f"{source}: {location}",
+                str(exc),
+                expected=validator.format or "",
+                found=exc.looks_like,
+            ) from None
+        hint = " (or pass --skip-invalid to drop bad records)"
+        raise DataError(f"{source}: {location}: {exc}{hint}.") from None
 
 
 def normalized_features() -> Any:
@@ -132,8 +230,11 @@ def normalized_features() -> Any:
     return Features(
         {
             "kind": Value("string"),
-            "messages": List({"role": Value("string"), "content": Value("string")}),
+            "messages": List(
+                {"role": Value("string"), "content": Value("string"), "extra": Value("string")}
+            ),
             "context": Value("string"),
+            "tools": Value("string"),
             "location": Value("string"),
         }
     )

@@ -1,9 +1,10 @@
 """Preparation: tokenize loaded data with prompt masking, split off eval data, cache it all.
 
-``prepare_dataset`` renders and tokenizes every row (rendering.py), records statistics,
-holds out an eval split (``eval_ratio``, seeded, or ``eval_data_path``), and caches the result
-under ``cache_dir/<key>`` (datasets.save_to_disk, written atomically), keyed by the data's
-content, the tokenizer, the template and the options, so a later run loads it instead.
+``prepare_dataset`` renders and tokenizes every row (rendering.py), records statistics (and
+warns when a large share of samples is truncated), holds out an eval split (``eval_ratio``,
+seeded, or ``eval_data_path``), and caches the result under ``cache_dir/<key>``
+(datasets.save_to_disk, written atomically), keyed by the data's content, the tokenizer, the
+template and the options, so a later run loads it instead.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,7 @@ from ..errors import DataError
 from ..paths import atomic_directory
 from .collators import make_collator
 from .formats import resolve_format
-from .loading import LoadedData, load_normalized, load_training_data
+from .loading import DataSource, LoadedData, ReadOptions, load_normalized
 from .readers import content_hash
 from .rendering import Renderer
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
 
 #: Bumped whenever rendering or tokenization changes, so old caches are not reused.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 
 
 #: Below this many rows, datasets' progress bars are hidden (they would only be noise).
@@ -45,10 +46,21 @@ PROGRESS_MIN_ROWS = 10_000
 #: Prepared datasets kept per cache directory (the most recently written ones).
 CACHE_ENTRIES_KEPT = 3
 
+#: Share of truncated samples from which preparation warns (and names a max_length that keeps
+#: ``WHOLE_SHARE`` of the samples whole).
+TRUNCATION_WARNING_SHARE = 0.10
+WHOLE_SHARE = 0.95
+
 
 @dataclass
 class DataStats:
-    """What preparation found, for the user (all token figures after truncation)."""
+    """What preparation found, for the user (all token figures after truncation).
+
+    ``records_read`` = ``records_kept`` (valid) + invalid records (``dropped``, by reason);
+    valid records become samples, except ``truncation_dropped`` ones whose answer lay entirely
+    beyond ``max_length``. ``sources`` has the counts of each source, ``warnings`` what the
+    user should look at.
+    """
 
     format: str
     template: str
@@ -57,6 +69,7 @@ class DataStats:
     records_kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     drop_examples: dict[str, str] = field(default_factory=dict)
+    truncation_dropped: int = 0
     samples: int = 0
     eval_samples: int = 0
     tokens: int = 0
@@ -68,10 +81,17 @@ class DataStats:
     length_max: int = 0
     from_cache: bool = False
     cache_key: str | None = None
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def records_invalid(self) -> int:
+        return sum(self.dropped.values())
 
     @property
     def records_dropped(self) -> int:
-        return sum(self.dropped.values())
+        """Records that became no sample: invalid ones and those lost to truncation."""
+        return self.records_invalid + self.truncation_dropped
 
     @property
     def trainable_share(self) -> float:
@@ -79,6 +99,7 @@ class DataStats:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        data["records_invalid"] = self.records_invalid
         data["records_dropped"] = self.records_dropped
         data["trainable_share"] = round(self.trainable_share, 4)
         return data
@@ -89,20 +110,34 @@ class DataStats:
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def summary(self) -> str:
-        """A few human-readable lines."""
+        """A few human-readable lines (warnings last, each starting with ``warning:``)."""
+        lost = (
+            f"; {self.truncation_dropped} dropped (no answer token within {self.max_length})"
+            if self.truncation_dropped
+            else ""
+        )
         lines = [
             f"records: {self.records_read} read, {self.records_kept} valid, "
-            f"{self.records_dropped} dropped; format {self.format}, template {self.template}",
-            f"samples: {self.samples} train, {self.eval_samples} eval; "
+            f"{self.records_invalid} invalid; format {self.format}, template {self.template}",
+        ]
+        if len(self.sources) > 1:
+            lines += [
+                f"source {s['source']}: {s['format']}, {s['read']} read, {s['valid']} valid, "
+                f"{s['invalid']} invalid"
+                for s in self.sources
+            ]
+        lines += [
+            f"invalid {n}: {reason} (e.g. {self.drop_examples.get(reason, '-')})"
+            for reason, n in self.dropped.items()
+        ]
+        lines += [
+            f"samples: {self.samples} train, {self.eval_samples} eval{lost}; "
             f"{self.truncated} truncated to {self.max_length} tokens",
             f"tokens: {self.tokens} ({self.trainable_tokens} trained on, "
             f"{self.trainable_share:.0%}); length p50 {self.length_p50}, p90 {self.length_p90}, "
             f"p99 {self.length_p99}, max {self.length_max}",
         ]
-        lines += [
-            f"dropped {n}: {reason} (e.g. {self.drop_examples.get(reason, '-')})"
-            for reason, n in self.dropped.items()
-        ]
+        lines += [f"warning: {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
 
@@ -133,10 +168,16 @@ class _Options:
     eval_ratio: float
     eval_data: str | None
     seed: int
+    columns: dict[str, str] | None
+    placeholders: dict[str, str] | None
+    system_prompt: str | None
+
+    def read_options(self, skip_invalid: bool) -> ReadOptions:
+        return ReadOptions(self.format, skip_invalid, self.columns, self.placeholders)
 
 
 def prepare_dataset(
-    data: LoadedData | str | os.PathLike[str] | Sequence[Mapping[str, Any]],
+    data: LoadedData | DataSource,
     tokenizer: PreTrainedTokenizerBase,
     config: TrainingConfig | None = None,
     *,
@@ -149,14 +190,22 @@ def prepare_dataset(
     skip_invalid: bool = False,
     cache_dir: Path | None = None,
     seed: int | None = None,
+    columns: Mapping[str, str] | None = None,
+    placeholders: Mapping[str, str] | None = None,
+    system_prompt: str | None = None,
+    origin: LoadedData | None = None,
 ) -> PreparedDataset:
     """Tokenize training data with prompt masking, split off eval data, cache the result.
 
-    ``data`` is a LoadedData, a path or a list of records (``format`` and ``skip_invalid``
-    apply to the last two and to ``eval_data``). Explicit keyword arguments override
-    ``config`` (TrainingConfig defaults when None). With ``cache_dir``, the result is stored
-    in ``cache_dir/<key>`` and a later call with the same data content, tokenizer, template
-    and options loads it instead of tokenizing again (``stats.from_cache``).
+    ``data`` is a LoadedData, or what ``load_training_data`` reads (paths, a folder, a glob,
+    a dataset id, records); ``format``, ``skip_invalid``, ``columns`` and ``placeholders``
+    apply to reading it and ``eval_data``. ``system_prompt`` opens every conversation without
+    a system message. Explicit keyword arguments override ``config`` (TrainingConfig defaults
+    when None). ``origin``: the data as first read, when ``data`` is a canonical copy of it
+    (what quickstart writes); the record counts, sources and warnings are reported from it.
+    With ``cache_dir``, the result is stored in ``cache_dir/<key>`` and a later call with the
+    same data content, tokenizer, template and options loads it instead of tokenizing again
+    (``stats.from_cache``).
     """
     config = config or TrainingConfig()
     options = _Options(
@@ -167,13 +216,21 @@ def prepare_dataset(
         eval_ratio=eval_ratio if eval_ratio is not None else config.eval_ratio,
         eval_data=os.fspath(eval_data) if eval_data is not None else config.eval_data_path,
         seed=seed if seed is not None else config.seed,
+        columns=dict(columns if columns is not None else config.columns or {}) or None,
+        placeholders=dict(placeholders if placeholders is not None else config.placeholders or {})
+        or None,
+        system_prompt=(system_prompt if system_prompt is not None else config.system_prompt)
+        or None,
     )
     if options.max_length < 2:
         raise DataError(f"max_length must be at least 2 tokens, got {options.max_length}.")
     if not 0 <= options.eval_ratio < 1:
         raise DataError(f"eval_ratio must be in [0, 1), got {options.eval_ratio}.")
     renderer = Renderer(
-        tokenizer, max_length=options.max_length, train_on_prompt=options.train_on_prompt
+        tokenizer,
+        max_length=options.max_length,
+        train_on_prompt=options.train_on_prompt,
+        system_prompt=options.system_prompt,
     )
     digest = data.content_hash if isinstance(data, LoadedData) else content_hash(data)
     key = _cache_key(digest, renderer, options, skip_invalid)
@@ -184,11 +241,16 @@ def prepare_dataset(
     loaded = (
         data
         if isinstance(data, LoadedData)
-        else load_normalized(data, options.format, skip_invalid, digest)
+        else load_normalized(data, options.read_options(skip_invalid), digest)
     )
+    if origin is not None and len(origin) == len(loaded):  # errors name the user's records
+        locations = origin.dataset["location"]
+        loaded.dataset = loaded.dataset.remove_columns("location").add_column("location", locations)
     with _progress_bars(len(loaded)):
-        tokenized = _tokenize(loaded, renderer, key)
-        stats = _statistics(loaded, tokenized, renderer, options)
+        tokenized = _tokenize(loaded, renderer, key, keep_empty=True)
+        stats = _statistics(origin or loaded, tokenized, renderer, options)
+        if stats.truncation_dropped:
+            tokenized = tokenized.filter(lambda n: n > 0, input_columns="trainable")
         tokenized = tokenized.remove_columns(["trainable", "full_length"])
         train, evaluation = _split(tokenized, options, renderer, skip_invalid, key)
         stats.samples, stats.eval_samples = len(train), len(evaluation or [])
@@ -222,7 +284,9 @@ def _cache_key(digest: str, renderer: Renderer, options: _Options, skip_invalid:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _tokenize(loaded: LoadedData, renderer: Renderer, key: str) -> Dataset:
+def _tokenize(
+    loaded: LoadedData, renderer: Renderer, key: str, keep_empty: bool = False
+) -> Dataset:
     from datasets import Features, List, Value
 
     features = Features(
@@ -238,6 +302,7 @@ def _tokenize(loaded: LoadedData, renderer: Renderer, key: str) -> Dataset:
         renderer.tokenize_batch,
         batched=True,
         batch_size=1000,
+        fn_kwargs={"keep_empty": keep_empty},
         remove_columns=loaded.dataset.column_names,
         features=features,
         load_from_cache_file=False,
@@ -249,38 +314,48 @@ def _tokenize(loaded: LoadedData, renderer: Renderer, key: str) -> Dataset:
 def _statistics(
     loaded: LoadedData, tokenized: Dataset, renderer: Renderer, options: _Options
 ) -> DataStats:
+    """Statistics of the samples that keep an answer token (``tokenized`` holds every valid
+    record; ``loaded`` gives the record counts)."""
     import numpy as np
 
     columns = tokenized.with_format("numpy", columns=["length", "trainable", "full_length"])
-    lengths = np.asarray(columns["length"], dtype=np.int64)
-    dropped = dict(loaded.dropped)
-    examples = dict(loaded.drop_examples)
-    cut_off = len(loaded) - len(tokenized)
-    if cut_off:
-        reason = "no trainable tokens left after truncation"
-        dropped[reason] = cut_off
-        examples[reason] = f"answers start after token {options.max_length}"
-    if not len(tokenized):
+    full_lengths = np.asarray(columns["full_length"], dtype=np.int64)
+    trainable = np.asarray(columns["trainable"], dtype=np.int64)
+    kept = trainable > 0
+    if not kept.any():
         raise DataError(
             f"{loaded.source}: every sample lost all its answer tokens to truncation at "
             f"max_length={options.max_length}; raise max_length or shorten the prompts."
         )
+    lengths = np.asarray(columns["length"], dtype=np.int64)[kept]
     p50, p90, p99 = (int(np.percentile(lengths, q)) for q in (50, 90, 99))
+    warnings = list(loaded.warnings)
+    too_long = int((full_lengths > options.max_length).sum())
+    if too_long / len(full_lengths) >= TRUNCATION_WARNING_SHARE:
+        whole = int(np.percentile(full_lengths, WHOLE_SHARE * 100, method="higher"))
+        warnings.append(
+            f"{too_long} of {len(full_lengths)} samples ({too_long / len(full_lengths):.0%}) "
+            f"are longer than max_length {options.max_length} and lose their end; max_length "
+            f"{whole} would keep {WHOLE_SHARE:.0%} of them whole (--max-length {whole})"
+        )
     return DataStats(
         format=loaded.format,
         template=renderer.template,
         max_length=options.max_length,
         records_read=loaded.records_read,
         records_kept=len(loaded),
-        dropped=dropped,
-        drop_examples=examples,
+        dropped=dict(loaded.dropped),
+        drop_examples=dict(loaded.drop_examples),
+        truncation_dropped=int((~kept).sum()),
         tokens=int(lengths.sum()),
-        trainable_tokens=int(np.asarray(columns["trainable"], dtype=np.int64).sum()),
-        truncated=int((np.asarray(columns["full_length"]) > options.max_length).sum()),
+        trainable_tokens=int(trainable[kept].sum()),
+        truncated=int((full_lengths[kept] > options.max_length).sum()),
         length_p50=p50,
         length_p90=p90,
         length_p99=p99,
         length_max=int(lengths.max()),
+        sources=list(loaded.sources),
+        warnings=warnings,
     )
 
 
@@ -288,7 +363,8 @@ def _split(
     tokenized: Dataset, options: _Options, renderer: Renderer, skip_invalid: bool, key: str
 ) -> tuple[Dataset, Dataset | None]:
     if options.eval_data:
-        loaded = load_training_data(options.eval_data, options.format, skip_invalid=skip_invalid)
+        read = options.read_options(skip_invalid)
+        loaded = load_normalized(options.eval_data, read, content_hash(options.eval_data))
         evaluation = _tokenize(loaded, renderer, f"{key}-eval")
         return tokenized, evaluation.remove_columns(["trainable", "full_length"])
     if not options.eval_ratio:

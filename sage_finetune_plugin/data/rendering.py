@@ -1,22 +1,24 @@
 """Rendering: a normalized row as the text the model trains on, and its tokens with labels.
 
 Through the tokenizer's chat template when it has one (each assistant turn's span found by
-rendering the conversation up to that turn), else through the ``### Instruction:`` /
-``### Input:`` / ``### Response:`` layout. Segments are tokenized separately, so a label
-boundary never falls inside a token; labels are -100 (``IGNORE_INDEX``) on prompt tokens, every
-sample ends with EOS, and samples are truncated to ``max_length``.
+rendering the conversation up to that turn; tools and tool calls through the template's own tool
+support, refused when it has none), else through the ``### Instruction:`` / ``### Input:`` /
+``### Response:`` layout. A default system prompt opens conversations that have none. Segments
+are tokenized separately, so a label boundary never falls inside a token; labels are -100
+(``IGNORE_INDEX``) on prompt tokens, every sample ends with EOS, and samples are truncated to
+``max_length``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DataError
-from ..templates import FALLBACK_HEADERS, has_chat_template
-from .formats import SPECS_BY_NAME, Invalid
+from ..templates import FALLBACK_HEADERS, has_chat_template, supports_tools
+from .formats import Invalid, Unsupported, Validator, message_dicts, row_tools, with_context
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -39,7 +41,8 @@ class Renderer:
     found by rendering the conversation up to that turn (with and without the generation
     prompt), so whatever the template adds around a turn stays in the prompt. Without a
     template the ``### Instruction:`` style is used. Segments are tokenized separately, so a
-    label boundary never falls inside a token.
+    label boundary never falls inside a token. ``system_prompt`` opens every conversation that
+    has no system message of its own.
     """
 
     def __init__(
@@ -48,12 +51,15 @@ class Renderer:
         *,
         max_length: int | None = None,
         train_on_prompt: bool = False,
+        system_prompt: str | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.train_on_prompt = train_on_prompt
+        self.system_prompt = system_prompt or None
         self.chat_template = has_chat_template(tokenizer)
         self.template = "chat_template" if self.chat_template else "fallback"
+        self._tool_support: bool | None = None
         self.eos = ""
         self.bos_ids: list[int] = []
         if tokenizer is not None:
@@ -71,30 +77,42 @@ class Renderer:
 
     def segments(self, row: Mapping[str, Any]) -> list[tuple[str, bool]]:
         """The sample as (text, trainable) pieces; joined, they are the training text."""
-        messages = row["messages"]
+        messages = message_dicts(row)
         if row["kind"] == "text":
             return [(messages[0]["content"] + self.eos, True)]
         if row["kind"] == "completion":
             return [(messages[0]["content"], False), (messages[1]["content"] + self.eos, True)]
+        if self.system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        tools = row_tools(row)
+        if tools or any(m["role"] == "tool" or "tool_calls" in m for m in messages):
+            self._check_tool_support(row)
+        context = row.get("context", "")
         if self.chat_template:
-            return self._template_segments(self._with_context(messages, row["context"]), row)
-        return self._fallback_segments(messages, row["context"])
+            return self._template_segments(with_context(messages, context), row, tools)
+        return self._fallback_segments(messages, context)
 
-    @staticmethod
-    def _with_context(messages: list[dict[str, str]], context: str) -> list[dict[str, str]]:
-        if not context.strip():
-            return messages
-        out = [dict(m) for m in messages]
-        first_user = next(m for m in out if m["role"] == "user")
-        first_user["content"] += "\n\n" + context
-        return out
+    def _check_tool_support(self, row: Mapping[str, Any]) -> None:
+        if self._tool_support is None:
+            self._tool_support = supports_tools(self.tokenizer)
+        if not self._tool_support:
+            name = getattr(self.tokenizer, "name_or_path", None) or "the tokenizer"
+            template = "chat template" if self.chat_template else "tokenizer (no chat template)"
+            raise DataError(
+                f"{row['location']}: this record offers or calls tools, but the {template} of "
+                f"{name} has no tool support, so the tools could not be shown to the model as it "
+                "will see them; use a model whose chat template supports tools (e.g. Qwen2.5 "
+                "Instruct) or leave the tool records out."
+            )
 
     def _fallback_segments(
-        self, messages: list[dict[str, str]], context: str
+        self, messages: list[dict[str, Any]], context: str
     ) -> list[tuple[str, bool]]:
         segments: list[tuple[str, bool]] = []
-        prompt, context_pending = "", bool(context.strip())
-        for message in messages:
+        prompt = ""
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        context_turn = users[-1] if users and context.strip() else -1
+        for i, message in enumerate(messages):
             role, content = message["role"], message["content"]
             if role == "assistant":
                 segments += [(prompt + FALLBACK_HEADERS["assistant"], False)]
@@ -102,24 +120,30 @@ class Renderer:
                 prompt = "\n\n"
                 continue
             prompt += f"{FALLBACK_HEADERS[role]}{content}\n\n"
-            if role == "user" and context_pending:
+            if i == context_turn:
                 prompt += f"{FALLBACK_HEADERS['context']}{context}\n\n"
-                context_pending = False
         return segments
 
     def _template_segments(
-        self, messages: list[dict[str, str]], row: Mapping[str, Any]
+        self,
+        messages: list[dict[str, Any]],
+        row: Mapping[str, Any],
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[tuple[str, bool]]:
+        def render(upto: int, generation_prompt: bool = False) -> str:
+            return self._apply(messages[:upto], generation_prompt, tools)
+
         try:
-            full = self._apply(messages)
+            full = render(len(messages))
             segments: list[tuple[str, bool]] = []
             cursor = 0
             last = len(messages) - 1
             for i, message in enumerate(messages):
                 if message["role"] != "assistant":
                     continue
-                start = self._answer_start(messages, i, full, cursor)
-                end = self._answer_end(messages, i, full, start, upto=full if i == last else None)
+                start = self._answer_start(render, message, i, full, cursor)
+                upto = full if i == last else render(i + 1)
+                end = self._answer_end(message, full, start, upto)
                 segments += [(full[cursor:start], False), (full[start:end], True)]
                 cursor = end
         except _TemplateMismatch:
@@ -140,35 +164,43 @@ class Renderer:
             segments.append((tail, False))
         return [(text, trainable) for text, trainable in segments if text]
 
-    def _apply(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+    def _apply(
+        self,
+        messages: list[dict[str, Any]],
+        generation_prompt: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         assert self.tokenizer is not None
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
+            messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
         )
 
-    def _opening(self) -> str:
-        """What the template puts before a conversation that opens with the assistant."""
-        try:
-            return self._apply([], generation_prompt=True)
-        except Exception:  # templates may refuse an empty conversation
-            return ""
-
-    def _answer_start(self, messages: list[dict[str, str]], i: int, full: str, cursor: int) -> int:
-        prefix = self._apply(messages[:i], generation_prompt=True) if i else self._opening()
+    def _answer_start(
+        self,
+        render: Callable[..., str],
+        message: Mapping[str, Any],
+        i: int,
+        full: str,
+        cursor: int,
+    ) -> int:
+        if i:
+            prefix = render(i, True)
+        else:  # a conversation that opens with the assistant: what the template puts first
+            try:
+                prefix = render(0, True)
+            except Exception:  # templates may refuse an empty conversation
+                prefix = ""
         if full.startswith(prefix) and len(prefix) >= cursor:
             return len(prefix)
-        position = full.find(messages[i]["content"], cursor)
-        if position < 0:
+        position = full.find(message["content"], cursor)
+        if position < 0 or not message["content"]:
             raise _TemplateMismatch
         return position
 
-    def _answer_end(
-        self, messages: list[dict[str, str]], i: int, full: str, start: int, upto: str | None
-    ) -> int:
-        upto = self._apply(messages[: i + 1]) if upto is None else upto
+    def _answer_end(self, message: Mapping[str, Any], full: str, start: int, upto: str) -> int:
         if full.startswith(upto) and len(upto.rstrip()) > start:
             return len(upto.rstrip())
-        end = start + len(messages[i]["content"])
+        end = start + len(message["content"])
         if full[end:].startswith(self.eos):
             end += len(self.eos)
         return end
@@ -202,8 +234,11 @@ class Renderer:
             results.append((ids, labels, full_length))
         return results
 
-    def tokenize_batch(self, batch: Mapping[str, list[Any]]) -> dict[str, list[Any]]:
-        """Dataset.map function: drops samples whose trainable tokens were all cut off."""
+    def tokenize_batch(
+        self, batch: Mapping[str, list[Any]], *, keep_empty: bool = False
+    ) -> dict[str, list[Any]]:
+        """Dataset.map function: drops samples whose trainable tokens were all cut off (with
+        ``keep_empty`` they stay, with ``trainable`` 0, for the statistics)."""
         rows = [
             dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)
         ]
@@ -216,7 +251,7 @@ class Renderer:
         }
         for ids, labels, full_length in self.encode(rows):
             trainable = sum(1 for label in labels[1:] if label != IGNORE_INDEX)
-            if not trainable:
+            if not trainable and not keep_empty:
                 continue
             out["input_ids"].append(ids)
             out["labels"].append(labels)
@@ -252,10 +287,16 @@ def preview_samples(
     *,
     max_length: int | None = None,
     train_on_prompt: bool = False,
+    system_prompt: str | None = None,
 ) -> list[list[tuple[str, bool]]]:
     """The first ``count`` samples as the model sees them: decoded token runs, each marked
     trainable (in the loss) or not, after truncation."""
-    renderer = Renderer(tokenizer, max_length=max_length, train_on_prompt=train_on_prompt)
+    renderer = Renderer(
+        tokenizer,
+        max_length=max_length,
+        train_on_prompt=train_on_prompt,
+        system_prompt=system_prompt,
+    )
     rows = list(loaded.dataset.select(range(min(count, len(loaded)))))
     samples = []
     for ids, labels, _ in renderer.encode(rows):
@@ -270,46 +311,65 @@ def preview_samples(
     return samples
 
 
-def _format_sample(fmt: str, record: Mapping[str, Any], tokenizer: Any) -> str:
+def _format_sample(
+    fmt: str, record: Mapping[str, Any], tokenizer: Any, system_prompt: str | None
+) -> str:
     try:
-        row = SPECS_BY_NAME[fmt].normalize(record)
+        row = Validator(fmt).normalize(record, "record")
+    except Unsupported as exc:
+        raise DataError(f"Record: {exc.message('FILE')}.") from None
     except Invalid as exc:
         raise DataError(f"Invalid {fmt} record: {exc}.") from None
-    row["location"] = "record"
-    return "".join(text for text, _ in Renderer(tokenizer).segments(row))
+    renderer = Renderer(tokenizer, system_prompt=system_prompt)
+    return "".join(text for text, _ in renderer.segments(row))
 
 
 def format_alpaca_sample(
-    record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase | None = None
+    record: Mapping[str, Any],
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    *,
+    system_prompt: str | None = None,
 ) -> str:
-    """The training text of an alpaca record (``instruction``, optional ``input``, ``output``).
+    """The training text of an alpaca record (``instruction``, optional ``input``, ``output``,
+    ``system``, ``history`` of earlier [instruction, answer] pairs, ``tools``).
 
     With a tokenizer that has a chat template: the conversation rendered through it (the
-    input follows the instruction in the user turn). Otherwise the ``### Instruction:`` /
+    input follows the instruction in the user turn; ``system_prompt`` opens a record without
+    a ``system``). Otherwise the ``### Instruction:`` /
     ``### Input:`` / ``### Response:`` template. Ends with the tokenizer's EOS when a tokenizer
     is given. Raises DataError for a malformed record.
     """
-    return _format_sample("alpaca", record, tokenizer)
+    return _format_sample("alpaca", record, tokenizer, system_prompt)
 
 
 def format_qa_sample(
-    record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase | None = None
+    record: Mapping[str, Any],
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    *,
+    system_prompt: str | None = None,
 ) -> str:
     """The training text of a qa record (``question``, ``answer``, optional ``context``);
     rendered like an alpaca record with the question as instruction and context as input."""
-    return _format_sample("qa", record, tokenizer)
+    return _format_sample("qa", record, tokenizer, system_prompt)
 
 
 def format_conversation_sample(
-    record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase | None = None
+    record: Mapping[str, Any],
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    *,
+    system_prompt: str | None = None,
 ) -> str:
     """The training text of a conversation (``messages`` or ``conversations``, role/content or
-    ShareGPT from/value turns), through the chat template or the ``###`` fallback."""
-    return _format_sample("conversation", record, tokenizer)
+    ShareGPT from/value turns, optional record-level ``system`` and ``tools``), through the chat
+    template or the ``###`` fallback."""
+    return _format_sample("conversation", record, tokenizer, system_prompt)
 
 
 def format_text_sample(
-    record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase | None = None
+    record: Mapping[str, Any],
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    *,
+    system_prompt: str | None = None,
 ) -> str:
     """The training text of a text record: ``text`` itself, plus EOS when a tokenizer is given."""
-    return _format_sample("text", record, tokenizer)
+    return _format_sample("text", record, tokenizer, system_prompt)
