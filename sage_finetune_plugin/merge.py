@@ -150,14 +150,14 @@ def merged_model(
     recorded = task.merged_dir
     adapter = _adapter_weights(task)
     if recorded is not None and is_model_dir(recorded):
-        fresh = (
-            adapter is None or adapter.stat().st_mtime <= (recorded / "config.json").stat().st_mtime
-        )
-        if fresh:
+        merged_at = (recorded / "config.json").stat().st_mtime
+        if adapter is None or adapter.stat().st_mtime <= merged_at:
             return recorded
-        report(f"The merged model {recorded} is older than the adapter: merging again.")
+        why = f"The merged model {recorded} is older than the adapter: merging again."
     else:
-        report(f"Task {task.name!r} has no merged model yet: merging the adapter first.")
+        task.find_adapter("final")  # TaskError when there is nothing to merge
+        why = f"Task {task.name!r} has no merged model yet: merging the adapter first."
+    report(why)
     return merge_task(task, output=recorded, force=True, progress=report).output
 
 

@@ -39,7 +39,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 #: Import names each engine needs, and how to install them.
 ENGINE_MODULES = {
-    "transformers": ("transformers", "fastapi", "uvicorn", "pydantic", "openai"),
+    "transformers": ("transformers.cli.serve", "fastapi", "uvicorn", "pydantic", "openai"),
     "vllm": ("vllm",),
 }
 ENGINE_INSTALL = {
