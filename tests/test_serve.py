@@ -21,7 +21,7 @@ from sage_finetune_plugin.cli import finetune
 from sage_finetune_plugin.errors import ServeError
 from sage_finetune_plugin.serve import ServePlan, plan_serve, run_server
 
-from conftest import BIN, QUESTION
+from conftest import BIN, QUESTION, run_cli
 
 PROMPTS = (QUESTION, "Hello! Who are you?")
 
@@ -73,6 +73,7 @@ def test_openai_client_gets_the_chat_answers_then_ctrl_c_leaves_no_process(
         assert fields["Base URL"].startswith("http://127.0.0.1:")
         assert model == str((trained_task / "merged").resolve())  # merged first
         assert [entry.id for entry in client.models.list().data] == [model]
+        answers = []
         for prompt in PROMPTS:
             messages = [{"role": "user", "content": prompt}]
             reply = client.chat.completions.create(
@@ -85,7 +86,12 @@ def test_openai_client_gets_the_chat_answers_then_ctrl_c_leaves_no_process(
             expected = chat_answer(trained_task, prompt)
             assert reply.choices[0].message.content.strip() == expected
             assert streamed.strip() == expected
-        assert expected  # the second prompt gets a real answer, not an empty one
+            answers.append(expected)
+        assert answers[1]  # the second prompt gets a real answer, not an empty one
+        # SAGE's own OpenAI-compatible client, the `sage chat` command of the host.
+        sage = run_cli("sage", "chat", "--backend", "openai", "--base-url", fields["Base URL"],
+                       "--model", model, "--ask", QUESTION, check=True)  # fmt: skip
+        assert sage.stdout.strip() == answers[0]
     finally:
         process.send_signal(signal.SIGINT)  # what Ctrl-C sends
         process.wait(timeout=60)
