@@ -188,7 +188,10 @@ class _Source:
             )
         tokenizer_json = json.loads(tokenizer_file.read_text(encoding="utf-8"))
         _check_byte_level_bpe(tokenizer_json, folder)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"Cannot load the tokenizer in {folder}: {first_line(exc)}") from None
         ensure_chat_template(tokenizer)
         return cls(folder, config, tokenizer, tokenizer_json, model_type)
 
@@ -350,7 +353,10 @@ def _add_tokenizer(writer: Any, source: _Source) -> None:
     writer.add_add_eos_token(
         tokenizer.eos_token_id is not None and probe[-1] == tokenizer.eos_token_id
     )
-    writer.add_chat_template(tokenizer.chat_template)
+    template = tokenizer.chat_template  # one template, or named ones
+    if isinstance(template, dict):
+        template = [{"name": name, "template": text} for name, text in template.items()]
+    writer.add_chat_template(template)
 
 
 def vocabulary(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:

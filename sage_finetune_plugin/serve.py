@@ -187,14 +187,13 @@ def run_server(
     tail: collections.deque[str] = collections.deque(maxlen=20)
     with _termination_as_interrupt():
         process = subprocess.Popen(
-            plan.command,
+            _with_parent_death_signal(plan.command),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             errors="replace",
             start_new_session=True,  # its own group: a terminal's Ctrl-C reaches only us
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         reader = threading.Thread(
             target=_forward, args=(process, tail, output), name="serve-output", daemon=True
@@ -273,12 +272,22 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _die_with_parent() -> None:
-    """In the engine, before it starts: get SIGTERM if this process dies (even by SIGKILL)."""
-    import ctypes
+#: Run before the engine (Linux): ask for SIGTERM when this process dies, even by SIGKILL, then
+#: become the engine (exec keeps the request). Done in a fresh process, not in a preexec_fn,
+#: which is unsafe when this process has threads.
+_PARENT_DEATH_LAUNCHER = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)  # the parent is gone already
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+def _with_parent_death_signal(command: list[str]) -> list[str]:
+    if sys.platform != "linux" or not os.path.isabs(command[0]):
+        return command
+    return [sys.executable, "-c", _PARENT_DEATH_LAUNCHER, str(os.getpid()), *command]
 
 
 @contextlib.contextmanager

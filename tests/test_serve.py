@@ -3,6 +3,7 @@ with the official `openai` client, stopped with Ctrl-C, no process left."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -143,6 +144,34 @@ def test_engine_that_dies_before_ready_is_one_line(tmp_path: Path) -> None:
 
     with pytest.raises(ServeError, match=r"exited with code 3 before it was ready: boom: no model"):
         run_server(plan, poll_interval=0.1)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_engine_stops_when_serve_is_killed(tmp_path: Path) -> None:
+    """kill -9 of the serving process cannot stop the engine itself: the engine asked the
+    kernel for SIGTERM when its parent dies."""
+    port, helper_pid = free_port(), tmp_path / "helper.pid"
+    serving = (
+        "import sys\n"
+        "from sage_finetune_plugin.serve import ServePlan, run_server\n"
+        "command = [sys.executable, '-c', sys.argv[1], sys.argv[2], sys.argv[3]]\n"
+        "plan = ServePlan('test', command, '127.0.0.1', int(sys.argv[2]), '.', 'm')\n"
+        "run_server(plan, on_ready=lambda: print('ready', flush=True))\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", serving, ENGINE, str(port), str(helper_pid)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        engine = psutil.Process(process.pid).children()
+        process.kill()
+        process.wait(timeout=10)
+        assert not psutil.wait_procs(engine, timeout=10)[1]
+    finally:
+        with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
+            os.kill(int(helper_pid.read_text()), signal.SIGKILL)  # the engine's own child
 
 
 def test_plan_binds_loopback_and_shows_how_to_call_it(trained_task: Path) -> None:
