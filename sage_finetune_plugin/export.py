@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ExportError, UsageProblem, first_line
+from .errors import ExportError, FinetuneError, UsageProblem, first_line
 from .paths import EXPORT_DIR, atomic_file, atomic_write_text
 from .task import Task
 from .templates import end_of_turn_id, ensure_chat_template, stop_token_ids
@@ -102,6 +102,7 @@ def export_task(
     stem = f"{task.name}-{quant}"
     target, modelfile = folder / f"{stem}.gguf", folder / f"{stem}.Modelfile"
     _check_targets([target, modelfile], force)
+    _check_base_model(task)
 
     from .merge import merged_model
 
@@ -129,6 +130,34 @@ def _check_targets(paths: list[Path], force: bool) -> None:
             raise ExportError(f"{path} is a folder: choose another output folder with -o.")
         if path.exists() and not force:
             raise ExportError(f"{path} already exists: pass --force to replace it.")
+
+
+def _check_base_model(task: Task) -> None:
+    """Refuse an architecture this export does not know before a merge is spent on it."""
+    from .models import model_config
+
+    try:
+        config = model_config(task.base_model, trust_remote_code=task.trust_remote_code)
+    except FinetuneError:
+        return  # the merge, if one is needed, says what is missing
+    check_architecture(config, task.base_model)
+
+
+def check_architecture(config: Any, where: str | Path) -> None:
+    """ExportError naming the model type, unless it is Llama or Qwen2 with plain rope."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        names = ", ".join(getattr(config, "architectures", None) or []) or "unknown class"
+        raise ExportError(
+            f"GGUF export supports Llama and Qwen2 models; {where} holds a {model_type!r} "
+            f"model ({names}), which is not exported."
+        )
+    _, kind = _rope(config)
+    if kind != "default":
+        raise ExportError(
+            f"The model in {where} uses rope scaling {kind!r}, which this GGUF export does not "
+            "write: only models with plain rope (SmolLM2, Qwen2 / Qwen2.5) are exported."
+        )
 
 
 def _system_prompt(task: Task) -> str | None:
@@ -161,7 +190,6 @@ class _Source:
     config: Any
     tokenizer: Any
     tokenizer_json: dict[str, Any]
-    model_type: str
 
     @classmethod
     def read(cls, folder: Path) -> _Source:
@@ -173,14 +201,7 @@ class _Source:
             raise ExportError(
                 f"Cannot read the model config in {folder}: {first_line(exc)}"
             ) from None
-        model_type = getattr(config, "model_type", None)
-        if model_type not in ARCHITECTURES:
-            names = ", ".join(getattr(config, "architectures", None) or []) or "unknown class"
-            raise ExportError(
-                f"GGUF export supports Llama and Qwen2 models; {folder} holds a {model_type!r} "
-                f"model ({names}), which is not exported."
-            )
-        _check_rope(config, folder)
+        check_architecture(config, folder)
         tokenizer_file = folder / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise ExportError(
@@ -193,7 +214,11 @@ class _Source:
         except (OSError, ValueError) as exc:
             raise ExportError(f"Cannot load the tokenizer in {folder}: {first_line(exc)}") from None
         ensure_chat_template(tokenizer)
-        return cls(folder, config, tokenizer, tokenizer_json, model_type)
+        return cls(folder, config, tokenizer, tokenizer_json)
+
+    @property
+    def model_type(self) -> str:
+        return self.config.model_type
 
     @property
     def head_dim(self) -> int:
@@ -213,15 +238,6 @@ def _rope(config: Any) -> tuple[float, str]:
     theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     return float(theta), kind
-
-
-def _check_rope(config: Any, folder: Path) -> None:
-    _, kind = _rope(config)
-    if kind != "default":
-        raise ExportError(
-            f"The model in {folder} uses rope scaling {kind!r}, which this GGUF export does not "
-            "write: only models with plain rope (SmolLM2, Qwen2 / Qwen2.5) are exported."
-        )
 
 
 def _check_byte_level_bpe(tokenizer_json: dict[str, Any], folder: Path) -> None:

@@ -270,14 +270,19 @@ def test_interrupted_export_leaves_nothing_and_keeps_the_old_file(trained_task: 
     assert kept.path.read_bytes() == before
 
 
+def gpt2_copy(model_dir: Path, folder: Path) -> Path:
+    """The tiny model's files under a config that says GPT-2."""
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 def test_unsupported_architecture_is_refused_in_one_line(
     trained_task: Path, tiny_model_dir: Path
 ) -> None:
-    other = trained_task / "gpt2"
-    shutil.copytree(tiny_model_dir, other)
-    config = json.loads((other / "config.json").read_text())
-    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
-    (other / "config.json").write_text(json.dumps(config))
+    gpt2_copy(tiny_model_dir, trained_task / "gpt2")
     Task(trained_task).update(merged_path="gpt2")
 
     result = CliRunner().invoke(finetune, ["export", "demo", "--root", str(trained_task.parent)])
@@ -287,6 +292,18 @@ def test_unsupported_architecture_is_refused_in_one_line(
     assert "supports Llama and Qwen2 models" in result.output
     assert "'gpt2' model (GPT2LMHeadModel)" in result.output
     assert export_files(trained_task / "export") == []
+
+
+def test_unsupported_base_model_is_refused_before_merging(
+    make_prepared_task, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    base = gpt2_copy(tiny_model_dir, tmp_path / "gpt2-base")
+    task = make_prepared_task()
+    Task(task).update(model=str(base), training={"model_name": str(base)})
+
+    with pytest.raises(ExportError, match=r"holds a 'gpt2' model \(GPT2LMHeadModel\)"):
+        export_task(task)  # not "no trained adapter": the architecture is known before that
+    assert not (task / "merged").exists()
 
 
 def test_task_without_a_model_is_refused(prepared_task: Path) -> None:
