@@ -304,10 +304,10 @@ def _write_gguf(
     for tensor in tensors:
         shape, dtype, nbytes = _stored_layout(tensor)
         writer.add_tensor_info(tensor.name, shape, dtype, nbytes, raw_dtype=tensor.kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
     try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
         for index, tensor in enumerate(tensors, start=1):
             writer.write_tensor_data(_converted(tensor))
             if tensor_progress is not None:

@@ -199,7 +199,7 @@ def run_server(
             target=_forward, args=(process, tail, output), name="serve-output", daemon=True
         )
         reader.start()
-        ready = False
+        ready = interrupted = False
         try:
             while process.poll() is None:
                 if not ready and _healthy(plan.health_url):
@@ -208,12 +208,12 @@ def run_server(
                         on_ready()
                 time.sleep(poll_interval)
         except KeyboardInterrupt:
-            stop_process_group(process)
-            reader.join(timeout=5)
-            return 0
+            interrupted = True
         finally:
-            stop_process_group(process)
-        reader.join(timeout=5)
+            _stop(process)
+            reader.join(timeout=5)
+    if interrupted:
+        return 0
     code = process.returncode
     if not ready:
         said = next((line for line in reversed(tail) if line.strip()), "no output")
@@ -236,9 +236,20 @@ def _forward(
             output(line)
 
 
-def _healthy(url: str) -> bool:
+def _stop(process: subprocess.Popen[str]) -> None:
+    """Stop the engine's group; a second Ctrl-C while it winds down kills it at once."""
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        stop_process_group(process)
+    except KeyboardInterrupt:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _healthy(url: str) -> bool:
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+    try:
+        with direct.open(url, timeout=2) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False

@@ -38,6 +38,9 @@ def serve_command(
     Starts an existing engine on the merged model (the adapter is merged first if needed) and
     prints the base URL, the model name to send, and curl and Python examples.
     """
+    from ..deps import require
+
+    require("torch", "transformers", "peft")  # to merge the adapter when needed
     from ..serve import plan_serve, run_server
 
     plan = plan_serve(task, root=root, host=host, port=port, engine=engine, progress=status)
