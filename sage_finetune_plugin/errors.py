@@ -66,6 +66,14 @@ class MergeError(FinetuneError):
     """An adapter cannot be merged into its base model."""
 
 
+class ExportError(FinetuneError):
+    """A model cannot be exported (unsupported architecture or tokenizer, existing output)."""
+
+
+class ServeError(FinetuneError):
+    """A serving engine cannot be started, or stopped before it was ready."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, for one-line errors."""
     text = str(exc).strip()

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .checkpoints import ADAPTER_FILES
 from .errors import MergeError, ModelError, first_line
+from .models import is_model_dir
 from .paths import MERGED_DIR, atomic_directory
 from .task import Task
 from .templates import stop_token_ids
@@ -131,6 +133,38 @@ def merge_task(
     )
     task.update(status="merged", merged_path=_meta_path(target, task.path), merge=result.to_meta())
     return result
+
+
+def merged_model(
+    task: Task | str | os.PathLike[str],
+    *,
+    root: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """The folder of the task's merged model, for the commands that use the model outside this
+    plugin (export, serve). The final adapter is merged first when the task has no merged model
+    yet, or when the one it has is older than the adapter (trained again since); progress says
+    so. Raises TaskError when the task has neither."""
+    report = progress or (lambda _message: None)
+    task = Task.of(task, root)
+    recorded = task.merged_dir
+    adapter = _adapter_weights(task)
+    if recorded is not None and is_model_dir(recorded):
+        merged_at = (recorded / "config.json").stat().st_mtime
+        if adapter is None or adapter.stat().st_mtime <= merged_at:
+            return recorded
+        why = f"The merged model {recorded} is older than the adapter: merging again."
+    else:
+        task.find_adapter("final")  # TaskError when there is nothing to merge
+        why = f"Task {task.name!r} has no merged model yet: merging the adapter first."
+    report(why)
+    return merge_task(task, output=recorded, force=True, progress=report).output
+
+
+def _adapter_weights(task: Task) -> Path | None:
+    """The final adapter's weights file, if there is one."""
+    found = (task.adapter_dir / name for name in ADAPTER_FILES)
+    return next((path for path in found if path.is_file()), None)
 
 
 def _check_target(target: Path, task_dir: Path, adapter_dir: Path, force: bool) -> None:

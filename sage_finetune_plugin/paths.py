@@ -32,6 +32,8 @@ CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"
 LOSS_PLOT = "loss.png"
 MERGED_DIR = "merged"
+#: Where `sage finetune export` writes GGUF files and Ollama Modelfiles.
+EXPORT_DIR = "export"
 LOCK_FILE = ".lock"
 #: Written by `sage finetune cancel`: the run stops at the end of its current step.
 CANCEL_FILE = ".cancel"
@@ -145,6 +147,31 @@ def atomic_write_text(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, *, replace: bool = False) -> Iterator[Path]:
+    """A temporary file beside ``path`` for the ``with`` block to fill (large or binary output),
+    renamed to ``path`` when the block ends without an exception.
+
+    An existing ``path`` is replaced only with ``replace=True`` (FileExistsError otherwise). On
+    an exception, Ctrl-C included, the temporary file is removed and ``path`` stays as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        if not replace and path.exists():
+            raise FileExistsError(f"{path} already exists")
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def _umask() -> int:

@@ -224,12 +224,12 @@ def train_adapter(model_dir: Path, out: Path, *, steps: int, load_in_4bit: bool 
 
 
 def build_trained_task(
-    root: Path, model_dir: Path, name: str = "demo", *, load_in_4bit: bool = False
+    root: Path, model_dir: Path, name: str = "demo", *, load_in_4bit: bool = False, steps: int = 40
 ) -> Path:
     """``root/name`` whose meta and adapter look like a finished ``run``."""
     task_dir = root / name
     config = TrainingConfig(model_name=str(model_dir), load_in_4bit=load_in_4bit)
-    train_adapter(model_dir, task_dir / ADAPTER_DIR, steps=40, load_in_4bit=load_in_4bit)
+    train_adapter(model_dir, task_dir / ADAPTER_DIR, steps=steps, load_in_4bit=load_in_4bit)
     meta = TaskMeta(
         task_type="qa",
         model=str(model_dir),

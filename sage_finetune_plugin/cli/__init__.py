@@ -13,9 +13,11 @@ import click
 
 from .._version import __version__
 from .chat import chat_command
+from .export import export_command
 from .merge import merge_command
 from .quickstart import quickstart_command
 from .run import run_command
+from .serve import serve_command
 from .tasks import cancel_command, delete_command, list_command
 
 
@@ -31,6 +33,7 @@ def finetune() -> None:
       list                       show every task with its status, metrics and progress
       merge code                 merge the adapter into a full-precision model
       chat code                  talk to the fine-tuned model
+      export code / serve code   a GGUF for llama.cpp and Ollama / an OpenAI-compatible API
       cancel / delete code       stop a run from another terminal / remove a task
     """
 
@@ -43,6 +46,8 @@ for _command in (
     delete_command,
     merge_command,
     chat_command,
+    export_command,
+    serve_command,
 ):
     finetune.add_command(_command)
 
