@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelError, TaskError, UsageProblem, first_line
-from .models import is_model_dir, load_adapter_tokenizer, load_tokenizer, resolve_model
+from .models import load_adapter_tokenizer, load_tokenizer, resolve_model
 from .task import Task
 from .templates import ensure_chat_template, stop_token_ids
 from .training.runtime import Hardware, Runtime, inference_runtime
@@ -57,11 +57,13 @@ def load_chat_model(
         chat = _load_base(base_name, trust, device, report)
         chat.system = system  # the same prompt as the fine-tune, for a fair comparison
         return chat
-    merged = task.merged_dir
-    if merged is not None and is_model_dir(merged):
+    merged, state = task.merged_dir, task.merged_state()
+    if state == "current":
         report(f"Loading the merged model {merged}")
         return ChatModel(*_load_folder(merged, trust, device), f"merged model {merged}", system)
-    if merged is not None:
+    if state == "stale":
+        report(f"The merged model {merged} is older than the adapter; using base + adapter.")
+    elif state == "missing":
         report(f"The merged model {merged} is missing or incomplete; using base + adapter.")
     try:
         adapter, _ = task.find_adapter("final")

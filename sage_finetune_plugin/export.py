@@ -111,7 +111,7 @@ def export_task(
     report(f"Writing {target} ({source.model_type}, {quant})")
     with atomic_file(target, replace=force) as tmp:
         count = _write_gguf(source, tmp, quant, task.name, tensor_progress)
-    atomic_write_text(modelfile, modelfile_text(source, target.name, _system_prompt(task)))
+    atomic_write_text(modelfile, modelfile_text(source, target.name, task.system_prompt))
     return ExportResult(
         path=target.resolve(),
         modelfile=modelfile.resolve(),
@@ -158,19 +158,6 @@ def check_architecture(config: Any, where: str | Path) -> None:
             f"The model in {where} uses rope scaling {kind!r}, which this GGUF export does not "
             "write: only models with plain rope (SmolLM2, Qwen2 / Qwen2.5) are exported."
         )
-
-
-def _system_prompt(task: Task) -> str | None:
-    """The task's default system prompt, where its meta or training config records one."""
-    meta = task.meta
-    for value in (
-        getattr(meta, "system_prompt", None),
-        meta.extra.get("system_prompt"),
-        meta.training.get("system_prompt"),
-    ):
-        if isinstance(value, str) and value.strip():
-            return value
-    return None
 
 
 def _ollama_name(name: str) -> str:

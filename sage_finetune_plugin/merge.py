@@ -21,9 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import ADAPTER_FILES
 from .errors import MergeError, ModelError, first_line
-from .models import is_model_dir
 from .paths import MERGED_DIR, atomic_directory
 from .task import Task
 from .templates import stop_token_ids
@@ -147,24 +145,17 @@ def merged_model(
     so. Raises TaskError when the task has neither."""
     report = progress or (lambda _message: None)
     task = Task.of(task, root)
-    recorded = task.merged_dir
-    adapter = _adapter_weights(task)
-    if recorded is not None and is_model_dir(recorded):
-        merged_at = (recorded / "config.json").stat().st_mtime
-        if adapter is None or adapter.stat().st_mtime <= merged_at:
-            return recorded
-        why = f"The merged model {recorded} is older than the adapter: merging again."
+    state = task.merged_state()
+    if state == "current":
+        assert task.merged_dir is not None
+        return task.merged_dir
+    if state == "stale":
+        why = f"The merged model {task.merged_dir} is older than the adapter: merging again."
     else:
         task.find_adapter("final")  # TaskError when there is nothing to merge
         why = f"Task {task.name!r} has no merged model yet: merging the adapter first."
     report(why)
-    return merge_task(task, output=recorded, force=True, progress=report).output
-
-
-def _adapter_weights(task: Task) -> Path | None:
-    """The final adapter's weights file, if there is one."""
-    found = (task.adapter_dir / name for name in ADAPTER_FILES)
-    return next((path for path in found if path.is_file()), None)
+    return merge_task(task, output=task.merged_dir, force=True, progress=report).output
 
 
 def _check_target(target: Path, task_dir: Path, adapter_dir: Path, force: bool) -> None:

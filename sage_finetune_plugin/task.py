@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import complete_checkpoints, find_adapter, latest_checkpoint
+from .checkpoints import ADAPTER_FILES, complete_checkpoints, find_adapter, latest_checkpoint
 from .config import TrainingConfig
 from .errors import LockError, MetaError, TaskError
 from .locks import RunLock, is_stale, read_lock
 from .meta import TaskMeta, load_meta, update_meta
+from .models import is_model_dir
 from .paths import (
     ADAPTER_DIR,
     CANCEL_FILE,
@@ -148,6 +149,23 @@ class Task:
     def merged_dir(self) -> Path | None:
         """The merged model the meta records, if any (it may have been removed since)."""
         return self.meta.path(self.path, self.meta.merged_path)
+
+    def merged_state(self) -> str:
+        """``current`` (a complete merged model, not older than the final adapter), ``stale``
+        (the adapter was trained again since the merge), ``missing`` (recorded, but gone or
+        incomplete) or ``none`` (never merged)."""
+        merged = self.merged_dir
+        if merged is None:
+            return "none"
+        if not is_model_dir(merged):
+            return "missing"
+        weights = next(
+            (self.adapter_dir / n for n in ADAPTER_FILES if (self.adapter_dir / n).is_file()), None
+        )
+        fresh = (
+            weights is None or weights.stat().st_mtime <= (merged / "config.json").stat().st_mtime
+        )
+        return "current" if fresh else "stale"
 
     @property
     def logs_dir(self) -> Path:

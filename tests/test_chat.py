@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -149,6 +150,15 @@ def test_merged_model_is_preferred(task: Path) -> None:
     assert result.exit_code == 0, result.output
     assert result.stdout == f"{ANSWER}\n"
     assert f"Loading the merged model {task / 'merged'}" in result.stderr
+
+    # An adapter trained again after the merge wins over the older merged model.
+    adapter = task / "adapter" / "adapter_model.safetensors"
+    later = (task / "merged" / "config.json").stat().st_mtime + 10
+    os.utime(adapter, (later, later))
+    result = chat(task, "-p", QUESTION)
+    assert result.exit_code == 0 and result.stdout == f"{ANSWER}\n"
+    assert "is older than the adapter; using base + adapter" in result.stderr
+    os.utime(adapter, (later - 20, later - 20))
 
     # A merged folder that lost its weights falls back to base + adapter.
     for weights in (task / "merged").glob("*.safetensors"):

@@ -216,9 +216,10 @@ def test_modelfile_points_at_the_file_with_template_and_stops(exported) -> None:
 def test_cli_export_prints_the_commands_and_writes_the_system_prompt(
     trained_task: Path,
 ) -> None:
-    meta_file = trained_task / "finetune_meta.json"  # a key of a newer version: kept as extra
+    meta_file = trained_task / "finetune_meta.json"  # as `quickstart --system` records it
     meta = json.loads(meta_file.read_text())
-    meta_file.write_text(json.dumps({**meta, "system_prompt": "You answer with one word."}))
+    meta["training"]["system_prompt"] = "You answer with one word."
+    meta_file.write_text(json.dumps(meta))
     result = CliRunner().invoke(
         finetune, ["export", "demo", "--root", str(trained_task.parent), "--quant", "q8_0"]
     )
