@@ -43,25 +43,31 @@ def load_chat_model(
     base: bool = False,
     progress: Progress | None = None,
     hardware: Hardware | None = None,
+    checkpoint: str | int = "final",
 ) -> ChatModel:
-    """The task's merged model if present, else base + final adapter; ``base=True``: the base.
-    It runs where the runtime policy says (GPU, Apple MPS, else CPU)."""
+    """The task's merged model if present, else base + final adapter; ``base=True``: the base;
+    ``checkpoint`` ``latest`` or a step number: base + that checkpoint's adapter. It runs
+    where the runtime policy says (GPU, Apple MPS, else CPU)."""
     report = progress or (lambda _message: None)
     task = Task.of(task, root)
     device = inference_runtime(hardware)
     trust, base_name = task.trust_remote_code, task.base_model
     if base:
         return _load_base(base_name, trust, device, report)
-    merged = task.merged_dir
+    final = str(checkpoint).strip().lower() == "final"
+    merged = task.merged_dir if final else None
     if merged is not None and is_model_dir(merged):
         report(f"Loading the merged model {merged}")
         return ChatModel(*_load_folder(merged, trust, device), f"merged model {merged}")
     if merged is not None:
         report(f"The merged model {merged} is missing or incomplete; using base + adapter.")
-    try:
-        adapter, _ = task.find_adapter("final")
-    except TaskError:
-        raise TaskError(_not_trained_message(task)) from None
+    if not final:
+        adapter, _ = task.find_adapter(checkpoint)
+    else:
+        try:
+            adapter, _ = task.find_adapter("final")
+        except TaskError:
+            raise TaskError(_not_trained_message(task)) from None
     chat = _load_base(base_name, trust, device, report)
     report(f"Applying the adapter {adapter}")
     return ChatModel(
