@@ -35,6 +35,7 @@ from .training.runtime import Hardware, Runtime, inference_runtime
 
 if TYPE_CHECKING:
     from .chat import ChatModel
+    from .data import LoadedData
     from .data.evalset import EvalSample
     from .scoring import Answer
 
@@ -238,14 +239,16 @@ def _evaluate(
     hardware: Hardware | None,
 ) -> EvalReport:
     from .chat import load_chat_model
+    from .data import load_training_data
     from .models import load_tokenizer
 
     runtime = inference_runtime(hardware)
     config = task.recorded_config(resume=True)  # the config the last run trained with
+    source = _source(task, config, data, split)
+    loaded = load_training_data(source.path, source.format, skip_invalid=skip_invalid)
     say(f"Loading the tokenizer of {task.base_model}")
     tokenizer = load_tokenizer(task.base_model, trust_remote_code=task.trust_remote_code)
-    say("Rendering the evaluation data")
-    samples, description = _eval_set(task, config, tokenizer, data, split, skip_invalid)
+    samples, description = _eval_set(task, config, source, loaded, tokenizer)
     asked = [s for s in samples if s.prompt_ids is not None][: max_samples or None]
     limit = max_new_tokens or _auto_new_tokens(tokenizer, asked)
     key = _base_key(task, runtime, samples, asked, limit)
@@ -347,60 +350,73 @@ def _checkpoint_label(task: Task, checkpoint: str | int, chat: ChatModel) -> str
 # --- the data ----------------------------------------------------------------------------------
 
 
-def _eval_set(
-    task: Task,
-    config: TrainingConfig,
-    tokenizer: Any,
-    data: str | os.PathLike[str] | None,
-    split: str,
-    skip_invalid: bool,
-) -> tuple[list[EvalSample], str]:
-    """The samples to evaluate and a description of where they come from."""
-    from .data import load_training_data
-    from .data.evalset import eval_samples, select
-    from .data.preparation import eval_split
+@dataclass
+class _Source:
+    """Where the samples come from: a file, which part of it (all, the held-out part or
+    the training part of the task's split) and how to describe it."""
 
-    def render(path: str | os.PathLike[str], form: str | None) -> list[EvalSample]:
-        loaded = load_training_data(path, form, skip_invalid=skip_invalid)
-        found = eval_samples(loaded, tokenizer, max_length=config.max_length)
-        if not found:
-            raise DataError(
-                f"{path}: every sample lost its answer to truncation at max_length="
-                f"{config.max_length}; shorten the prompts or evaluate other data."
-            )
-        return found
+    path: str
+    format: str | None
+    part: str | None
+    description: str
 
+
+def _source(
+    task: Task, config: TrainingConfig, data: str | os.PathLike[str] | None, split: str
+) -> _Source:
     if data is not None:
-        return render(data, None), os.fspath(data)
+        return _Source(os.fspath(data), None, None, os.fspath(data))
     if split == "eval" and config.eval_data_path:
-        return render(config.eval_data_path, config.data_format), (
-            f"{_shown(task, config.eval_data_path)} (the task's eval data)"
-        )
+        shown = _shown(task, config.eval_data_path)
+        return _Source(config.eval_data_path, config.data_format, None, f"{shown} (eval data)")
     if not config.data_path:
         raise DataError(
             f"Task {task.name!r} names no training data (data_path): evaluate a file with --data."
         )
-    samples = render(config.data_path, config.data_format)
-    source = _shown(task, config.data_path)
+    shown = _shown(task, config.data_path)
+    if split == "train":
+        return _Source(config.data_path, config.data_format, "train", shown)
+    if not config.eval_ratio:
+        raise DataError(_no_held_out(task, "eval_ratio 0"))
+    held_out = f"{shown} (held out: eval_ratio {config.eval_ratio}, seed {config.seed})"
+    return _Source(config.data_path, config.data_format, "eval", held_out)
+
+
+def _no_held_out(task: Task, why: str) -> str:
+    return (
+        f"Task {task.name!r} has no held-out data ({why}; no eval_data_path): evaluate a "
+        f"file with --data FILE, or hold some out by training with `sage finetune run "
+        f"{task.name} --set eval_ratio=0.1` (or set eval_data_path)."
+    )
+
+
+def _eval_set(
+    task: Task, config: TrainingConfig, source: _Source, loaded: LoadedData, tokenizer: Any
+) -> tuple[list[EvalSample], str]:
+    """The samples to evaluate (rendered as training renders them; the part of the task's
+    split the source names) and their description."""
+    from .data.evalset import eval_samples, select
+    from .data.preparation import eval_split
+
+    samples = eval_samples(loaded, tokenizer, max_length=config.max_length)
+    if not samples:
+        raise DataError(
+            f"{source.path}: every sample lost its answer to truncation at max_length="
+            f"{config.max_length}; shorten the prompts or evaluate other data."
+        )
+    if source.part is None:
+        return samples, source.description
     positions = None
     if not config.eval_data_path:
         positions = eval_split(len(samples), config.eval_ratio, config.seed)
-    if split == "train":
+    if source.part == "train":
         if positions is None:
-            return samples, f"{source} (all of it: the training data)"
-        return select(samples, positions[0]), f"{source} (the training part)"
+            return samples, f"{source.description} (all of it: the training data)"
+        return select(samples, positions[0]), f"{source.description} (the training part)"
     if positions is None:
-        why = f"eval_ratio {config.eval_ratio}" + (
-            f", too little data ({len(samples)} samples)" if config.eval_ratio else ""
-        )
-        raise DataError(
-            f"Task {task.name!r} has no held-out data ({why}; no eval_data_path): evaluate a "
-            f"file with --data FILE, or hold some out by training with `sage finetune run "
-            f"{task.name} --set eval_ratio=0.1` (or set eval_data_path)."
-        )
-    return select(samples, positions[1]), (
-        f"{source} (held out: eval_ratio {config.eval_ratio}, seed {config.seed})"
-    )
+        why = f"eval_ratio {config.eval_ratio} of only {len(samples)} samples"
+        raise DataError(_no_held_out(task, why))
+    return select(samples, positions[1]), source.description
 
 
 def _shown(task: Task, path: str) -> str:
