@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import TrainingConfig
+from .deps import require
 from .errors import DataError, EvaluationInterrupted, TaskError, UsageProblem
 from .meta import now_iso
 from .paths import EVAL_DIR, atomic_directory
@@ -192,6 +193,7 @@ def evaluate_task(
     say = status or (lambda _message: None)
     task = Task.of(task, root)
     _check_options(data, split, max_samples, max_new_tokens, batch_size, base, tuned)
+    require("rouge_score")
     task.lock().check()  # a run in progress rewrites the adapter and the meta
     if tuned:
         _check_trained(task, checkpoint)

@@ -91,7 +91,7 @@ def eval_command(
     """
     from ..deps import require
 
-    require("torch", "transformers", "peft", "datasets")
+    require("torch", "transformers", "peft", "datasets", "rouge_score")
     from ..evaluation import evaluate_task, metric_rows
 
     bar = _Bar()

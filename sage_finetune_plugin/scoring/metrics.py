@@ -69,9 +69,6 @@ class _Words:
 
 @functools.cache
 def _scorer() -> Any:
-    from ..deps import require
-
-    require("rouge_score")
     from rouge_score.rouge_scorer import RougeScorer
 
     return RougeScorer(["rougeL"], tokenizer=_Words())
