@@ -172,6 +172,11 @@ def test_other_data_and_its_errors(task: Path, tmp_path: Path) -> None:
     ]
     assert invoke(task, "--data", str(bad), "--skip-invalid").exit_code == 0
 
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": "The number 4 is written four."}) + "\n")
+    plain = evaluate_task(task, data=text)  # nothing to answer: the loss only
+    assert plain.generated == 0 and plain.tuned["loss"] > 0 and plain.tuned["rouge_l"] is None
+
     missing = invoke(task, "--data", str(tmp_path / "nope.jsonl"))
     assert missing.exit_code == 1 and len(missing.stderr.splitlines()) == 1
     both = invoke(task, "--data", str(data), "--split", "train")
@@ -288,7 +293,13 @@ def _records(count: int) -> list[dict[str, str]]:
     ]
 
 
-def test_a_corrupt_meta_or_missing_task_is_one_line(tmp_path: Path) -> None:
+def test_the_api_exports_it() -> None:
+    import sage_finetune_plugin as api
+
+    assert api.evaluate_task is evaluate_task and "EvalReport" in dir(api)
+
+
+def test_a_missing_task_is_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(finetune, ["eval", "ghost", "--root", str(tmp_path)])
     assert result.exit_code == 1 and "not found" in result.output
     with pytest.raises(TaskError):
