@@ -17,20 +17,19 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import math
 import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import TrainingConfig
 from .deps import require
 from .errors import DataError, EvaluationInterrupted, TaskError, UsageProblem
-from .meta import now_iso
 from .paths import EVAL_DIR, atomic_directory
+from .scoring.report import EvalReport, markdown, metric_rows, model_metrics, score_answers
 from .task import Task
 from .training.runtime import Hardware, Runtime, inference_runtime
 
@@ -45,25 +44,11 @@ DEFAULT_MAX_SAMPLES = 100
 DEFAULT_BATCH_SIZE = 8
 #: Without --max-new-tokens: twice the longest reference, within these bounds.
 AUTO_NEW_TOKENS = (32, 512)
-#: Worst and best examples shown in report.md.
-EXAMPLES = 5
 #: Cached base-model results kept in TASK/eval (the newest ones).
 BASE_CACHES_KEPT = 4
 #: Bumped when what a cached base result holds or means changes.
 CACHE_VERSION = 1
 SPLITS = ("eval", "train")
-#: Metric -> label, in the order tables show them.
-METRICS = {
-    "loss": "loss (answer tokens)",
-    "perplexity": "perplexity",
-    "exact_match": "exact match",
-    "token_f1": "token F1",
-    "rouge_l": "ROUGE-L",
-    "answer_tokens": "answer length (tokens)",
-    "hit_limit": "hit the token limit",
-}
-#: The metric ``list`` shows (tuned, and its change from the base).
-HEADLINE = "rouge_l"
 
 Status = Callable[[str], None]
 
@@ -82,81 +67,6 @@ class EvalProgress:
 
 
 Progress = Callable[[EvalProgress], None]
-
-
-@dataclass
-class EvalReport:
-    """What an evaluation measured. ``base`` / ``tuned`` map METRICS keys to values (None:
-    that model was not evaluated); ``examples`` holds one entry per generated answer."""
-
-    task: str
-    folder: Path
-    data: str
-    samples: int
-    generated: int
-    max_new_tokens: int
-    models: dict[str, str]
-    base: dict[str, float | None] | None
-    tuned: dict[str, float | None] | None
-    base_cached: bool = False
-    checkpoint: str | None = None
-    examples: list[dict[str, Any]] = field(default_factory=list)
-    settings: dict[str, Any] = field(default_factory=dict)
-    created_at: str = field(default_factory=now_iso)
-
-    @property
-    def change(self) -> dict[str, float | None]:
-        """Tuned minus base, per metric (None where either is missing)."""
-        if self.base is None or self.tuned is None:
-            return {}
-        change: dict[str, float | None] = {}
-        for key in METRICS:
-            base, tuned = self.base.get(key), self.tuned.get(key)
-            change[key] = None if base is None or tuned is None else _round(tuned - base)
-        return change
-
-    @property
-    def report_md(self) -> Path:
-        return self.folder / "report.md"
-
-    @property
-    def report_json(self) -> Path:
-        return self.folder / "report.json"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "task": self.task,
-            "created_at": self.created_at,
-            "data": self.data,
-            "samples": self.samples,
-            "generated": self.generated,
-            "max_new_tokens": self.max_new_tokens,
-            "checkpoint": self.checkpoint,
-            "models": self.models,
-            "base": self.base,
-            "tuned": self.tuned,
-            "change": self.change or None,
-            "base_cached": self.base_cached,
-            "settings": self.settings,
-            "examples": self.examples,
-        }
-
-    def to_meta(self) -> dict[str, Any]:
-        """The summary kept in the meta (``eval``): everything but the examples."""
-        summary = {k: v for k, v in self.to_dict().items() if k not in ("examples", "settings")}
-        return {**summary, "metric": HEADLINE, "report": f"{EVAL_DIR}/report.md"}
-
-
-def metric_rows(report: EvalReport) -> list[tuple[str, str, str, str]]:
-    """(label, base, tuned, change) per metric, formatted, for tables."""
-    change = report.change
-    rows = []
-    for key, label in METRICS.items():
-        values = [
-            _format(key, side.get(key) if side else None) for side in (report.base, report.tuned)
-        ]
-        rows.append((label, *values, _format(key, change.get(key), signed=True)))
-    return rows
 
 
 # --- the evaluation ---------------------------------------------------------------------------
@@ -277,6 +187,8 @@ def _evaluate(
         sides["base"] = run(chat, "base")
         _release(chat)
 
+    references = [s.reference or "" for s in asked]
+    scored = {name: score_answers(side.answers, references) for name, side in sides.items()}
     report = EvalReport(
         task=task.name,
         folder=folder,
@@ -285,11 +197,19 @@ def _evaluate(
         generated=len(asked),
         max_new_tokens=limit,
         models=models,
-        base=_metrics(sides["base"], asked) if "base" in sides else None,
-        tuned=_metrics(sides["tuned"], asked) if "tuned" in sides else None,
+        base=model_metrics(sides["base"].losses, scored["base"]) if "base" in sides else None,
+        tuned=model_metrics(sides["tuned"].losses, scored["tuned"]) if "tuned" in sides else None,
         base_cached=cached is not None,
         checkpoint=label,
-        examples=_examples(asked, sides),
+        examples=[
+            {
+                "location": sample.location,
+                "prompt": sample.prompt,
+                "reference": sample.reference,
+                **{name: answers[n] for name, answers in scored.items()},
+            }
+            for n, sample in enumerate(asked)
+        ],
         settings={
             "split": None if data is not None else split,
             "max_samples": max_samples,
@@ -543,84 +463,6 @@ def _release(chat: ChatModel) -> None:
         torch.cuda.empty_cache()
 
 
-# --- metrics and examples ----------------------------------------------------------------------
-
-
-def _metrics(side: _SideResult, asked: Sequence[EvalSample]) -> dict[str, float | None]:
-    from .scoring import answer_scores
-    from .scoring.metrics import mean
-
-    nll = sum(total for total, _ in side.losses)
-    count = sum(tokens for _, tokens in side.losses)
-    loss = nll / count if count else None
-    scores = [
-        answer_scores(answer.text, sample.reference or "")
-        for answer, sample in zip(side.answers, asked, strict=True)
-    ]
-    metrics = {
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 700)) if loss is not None else None,
-        **{key: mean([s[key] for s in scores]) for key in ("exact_match", "token_f1", "rouge_l")},
-        "answer_tokens": mean([float(a.tokens) for a in side.answers]),
-        "hit_limit": mean([float(a.hit_limit) for a in side.answers]),
-    }
-    return {key: _round(value) for key, value in metrics.items()}
-
-
-def _examples(asked: Sequence[EvalSample], sides: dict[str, _SideResult]) -> list[dict[str, Any]]:
-    from .scoring import answer_scores
-
-    examples = []
-    for n, sample in enumerate(asked):
-        example: dict[str, Any] = {
-            "location": sample.location,
-            "prompt": sample.prompt,
-            "reference": sample.reference,
-        }
-        for name, side in sides.items():
-            answer = side.answers[n]
-            scores = answer_scores(answer.text, sample.reference or "")
-            example[name] = {
-                "answer": answer.text,
-                "tokens": answer.tokens,
-                "hit_limit": answer.hit_limit,
-                **{key: _round(value) for key, value in scores.items()},
-            }
-        examples.append(example)
-    return examples
-
-
-def ranked_examples(report: EvalReport) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The worst and the best examples by the tuned model's ROUGE-L (the base's when only
-    the base was evaluated), then by token F1; at most EXAMPLES each, never the same twice."""
-    side = "tuned" if report.tuned is not None else "base"
-    ranked = sorted(
-        (e for e in report.examples if side in e),
-        key=lambda e: (e[side]["rouge_l"], e[side]["token_f1"]),
-    )
-    count = min(EXAMPLES, (len(ranked) + 1) // 2)
-    worst = ranked[:count]
-    best = ranked[count:][::-1][:EXAMPLES]
-    return worst, best
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(float(value), 4)
-
-
-def _format(key: str, value: float | None, signed: bool = False) -> str:
-    if value is None:
-        return "-"
-    sign = "+" if signed else ""
-    if key == "hit_limit":
-        return f"{value * 100:{sign}.0f}%"
-    if key == "answer_tokens":
-        return f"{value:{sign}.1f}"
-    if key == "perplexity":
-        return f"{value:{sign}.2f}"
-    return f"{value:{sign}.3f}" if key != "loss" else f"{value:{sign}.4f}"
-
-
 # --- the base model's cache ----------------------------------------------------------------------
 
 
@@ -691,45 +533,4 @@ def _write(report: EvalReport, base_entry: tuple[str, _SideResult, str] | None) 
         (staging / "report.md").write_text(markdown(report), encoding="utf-8")
 
 
-def markdown(report: EvalReport) -> str:
-    """The Markdown report: what was evaluated, the metrics, the worst and best examples."""
-    lines = [
-        f"# Evaluation of `{report.task}`",
-        "",
-        f"- Data: {report.data}; loss on {report.samples} samples, answers to "
-        f"{report.generated} (greedy, at most {report.max_new_tokens} new tokens).",
-    ]
-    for name in ("tuned", "base"):
-        if name in report.models:
-            cached = " (numbers from the cache)" if name == "base" and report.base_cached else ""
-            lines.append(f"- {name.capitalize()} model: `{report.models[name]}`{cached}.")
-    lines += [f"- Evaluated: {report.created_at}.", "", "| metric | base | tuned | change |"]
-    lines.append("|---|---:|---:|---:|")
-    lines += [f"| {' | '.join(row)} |" for row in metric_rows(report)]
-    worst, best = ranked_examples(report)
-    for title, examples in (("Worst examples", worst), ("Best examples", best)):
-        if examples:
-            lines += ["", f"## {title}", ""]
-            for example in examples:
-                lines += _example_block(example)
-    return "\n".join(lines) + "\n"
-
-
-def _example_block(example: dict[str, Any]) -> list[str]:
-    sides = [name for name in ("base", "tuned") if name in example]
-    scores = ", ".join(f"{name} {example[name]['rouge_l']:.2f}" for name in sides)
-    lines = [f"### {example['location']} (ROUGE-L {scores})", "", "**Prompt**", ""]
-    lines += [f"> {line}" if line else ">" for line in example["prompt"].splitlines()]
-    lines += ["", "| reference | " + " | ".join(f"{name} answer" for name in sides) + " |"]
-    lines.append("|---" * (len(sides) + 1) + "|")
-    cells = [example["reference"] or ""]
-    for name in sides:
-        answer = example[name]
-        cells.append(answer["answer"] + (" *(hit the token limit)*" if answer["hit_limit"] else ""))
-    lines += ["| " + " | ".join(_cell(text) for text in cells) + " |", ""]
-    return lines
-
-
-def _cell(text: str) -> str:
-    """Text inside a Markdown table cell: pipes escaped, lines joined with <br>."""
-    return text.replace("|", "\\|").replace("\r", "").replace("\n", "<br>") or " "
+__all__ = ["EvalProgress", "EvalReport", "evaluate_task", "metric_rows"]

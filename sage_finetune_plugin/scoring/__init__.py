@@ -1,7 +1,8 @@
 """The evaluation engine: a model's answer-token loss and batched greedy answers on evaluation
-samples (``inference``), and the metrics that compare an answer with its reference
-(``metrics``: exact match, token F1, ROUGE-L). torch and rouge-score are imported inside the
-functions that use them. The evaluation service (``evaluation.py``) puts them together.
+samples (``inference``), the metrics that compare an answer with its reference (``metrics``:
+exact match, token F1, ROUGE-L), and the report built from them (``report``: per-model
+metrics, the table, report.md). torch and rouge-score are imported inside the functions that
+use them. The evaluation service (``evaluation.py``) puts them together.
 """
 
 from __future__ import annotations
