@@ -61,13 +61,12 @@ def load_chat_model(
         return ChatModel(*_load_folder(merged, trust, device), f"merged model {merged}")
     if merged is not None:
         report(f"The merged model {merged} is missing or incomplete; using base + adapter.")
-    if not final:
+    try:
         adapter, _ = task.find_adapter(checkpoint)
-    else:
-        try:
-            adapter, _ = task.find_adapter("final")
-        except TaskError:
-            raise TaskError(_not_trained_message(task)) from None
+    except TaskError:
+        if not final:
+            raise
+        raise TaskError(_not_trained_message(task)) from None
     chat = _load_base(base_name, trust, device, report)
     report(f"Applying the adapter {adapter}")
     return ChatModel(

@@ -14,6 +14,7 @@ stage); nothing prints. Imports nothing heavy at module level.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -107,26 +108,34 @@ def evaluate_task(
     task.lock().check()  # a run in progress rewrites the adapter and the meta
     if tuned:
         _check_trained(task, checkpoint)
+    with _interruptible(task):
+        return _evaluate(
+            task,
+            data=data,
+            split=split,
+            max_samples=max_samples,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            base=base,
+            tuned=tuned,
+            checkpoint=checkpoint,
+            skip_invalid=skip_invalid,
+            progress=progress or (lambda _report: None),
+            say=say,
+            hardware=hardware,
+        )
+
+
+@contextlib.contextmanager
+def _interruptible(task: Task) -> Iterator[None]:
+    """Ctrl-C becomes EvaluationInterrupted (nothing is written before the end); peft's
+    deprecation noise is hidden."""
     try:
         with warnings.catch_warnings():
-            # transformers 5 renamed gradient -> activation checkpointing; peft still calls the
-            # old names. Nothing a user can act on.
+            # transformers 5 renamed gradient -> activation checkpointing; peft still calls
+            # the old names. Nothing a user can act on.
             warnings.filterwarnings("ignore", r".*removed in v6", FutureWarning)
-            return _evaluate(
-                task,
-                data=data,
-                split=split,
-                max_samples=max_samples,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-                base=base,
-                tuned=tuned,
-                checkpoint=checkpoint,
-                skip_invalid=skip_invalid,
-                progress=progress or (lambda _report: None),
-                say=say,
-                hardware=hardware,
-            )
+            yield
     except KeyboardInterrupt:
         raise EvaluationInterrupted(
             f"Evaluation of {task.name!r} interrupted: nothing was written "
