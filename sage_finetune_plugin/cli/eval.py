@@ -65,7 +65,7 @@ from ._common import command, root_option, status, task_argument
     help="Tuned model: final (the merged model if any, else the adapter), latest, or a "
     "checkpoint step number.",
 )
-@click.option("--skip-invalid", is_flag=True, help="Drop malformed records instead of stopping at the first.")
+@click.option("--skip-invalid", is_flag=True, help="Drop malformed records, not stop at the first.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @root_option
 def eval_command(
