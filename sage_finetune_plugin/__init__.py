@@ -33,6 +33,8 @@ _LAZY = {
     "start_run": ".runs",
     "train_from_meta": ".runs",
     "estimate_memory": ".training.memory",
+    "evaluate_task": ".evaluation",
+    "EvalReport": ".evaluation",
 }
 
 __all__ = ["__version__", *_LAZY]

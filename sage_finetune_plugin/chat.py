@@ -46,9 +46,11 @@ def load_chat_model(
     base: bool = False,
     progress: Progress | None = None,
     hardware: Hardware | None = None,
+    checkpoint: str | int = "final",
 ) -> ChatModel:
-    """The task's merged model if present, else base + final adapter; ``base=True``: the base.
-    It runs where the runtime policy says (GPU, Apple MPS, else CPU)."""
+    """The task's merged model if present, else base + final adapter; ``base=True``: the base;
+    ``checkpoint`` ``latest`` or a step number: base + that checkpoint's adapter. It runs
+    where the runtime policy says (GPU, Apple MPS, else CPU)."""
     report = progress or (lambda _message: None)
     task = Task.of(task, root)
     device = inference_runtime(hardware)
@@ -57,7 +59,8 @@ def load_chat_model(
         chat = _load_base(base_name, trust, device, report)
         chat.system = system  # the same prompt as the fine-tune, for a fair comparison
         return chat
-    merged, state = task.merged_dir, task.merged_state()
+    final = str(checkpoint).strip().lower() == "final"
+    merged, state = task.merged_dir, task.merged_state() if final else "none"
     if state == "current":
         report(f"Loading the merged model {merged}")
         return ChatModel(*_load_folder(merged, trust, device), f"merged model {merged}", system)
@@ -66,8 +69,10 @@ def load_chat_model(
     elif state == "missing":
         report(f"The merged model {merged} is missing or incomplete; using base + adapter.")
     try:
-        adapter, _ = task.find_adapter("final")
+        adapter, _ = task.find_adapter(checkpoint)
     except TaskError:
+        if not final:
+            raise
         raise TaskError(_not_trained_message(task)) from None
     chat = _load_base(base_name, trust, device, report)
     report(f"Applying the adapter {adapter}")

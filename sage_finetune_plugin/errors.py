@@ -58,6 +58,12 @@ class TrainingInterrupted(TrainingError):
     exit_code = 130
 
 
+class EvaluationInterrupted(FinetuneError):
+    """An evaluation stopped on Ctrl-C; nothing was written (exit code 130)."""
+
+    exit_code = 130
+
+
 class LockError(FinetuneError):
     """Another process is working on the same task."""
 

@@ -62,6 +62,8 @@ class TaskMeta:
     data_stats: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: What ``eval`` measured last: base and tuned metrics, data, samples, report path.
+    eval: dict[str, Any] = field(default_factory=dict)
     #: The latest state of the run in progress (or of the last run): step, loss, speed.
     progress: dict[str, Any] = field(default_factory=dict)
     adapter_path: str | None = None
@@ -149,6 +151,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "data_stats": dict,
     "training": dict,
     "metrics": dict,
+    "eval": dict,
     "progress": dict,
     "adapter_path": str,
     "merged_path": str,

@@ -30,6 +30,8 @@ PREPARED_CACHE = ".cache/prepared"
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"
+#: What `sage finetune eval` writes: report.json, report.md, cached base-model numbers.
+EVAL_DIR = "eval"
 LOSS_PLOT = "loss.png"
 MERGED_DIR = "merged"
 #: Where `sage finetune export` writes GGUF files and Ollama Modelfiles.

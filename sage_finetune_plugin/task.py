@@ -306,6 +306,7 @@ class TaskEntry:
             "steps": progress.get("step", m.steps),
             "max_steps": progress.get("max_steps", m.metrics.get("max_steps")),
             "train_loss": progress.get("loss", m.last_train_loss),
+            "eval": eval_headline(m.eval),
             "tokens_per_second": progress.get(
                 "tokens_per_second", m.metrics.get("tokens_per_second")
             ),
@@ -313,6 +314,15 @@ class TaskEntry:
             "merged": bool(merged and merged.exists()),
             "updated": progress.get("updated_at", m.updated_at),
         }
+
+
+def eval_headline(evaluation: dict[str, Any]) -> dict[str, Any] | None:
+    """The latest evaluation's headline metric (``metric``) for the tuned and base model."""
+    metric = evaluation.get("metric")
+    if not metric:
+        return None
+    values = {side: (evaluation.get(side) or {}).get(metric) for side in ("tuned", "base")}
+    return {"metric": metric, **values}
 
 
 def scan_tasks(root: Path) -> list[TaskEntry]:

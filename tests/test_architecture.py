@@ -150,6 +150,6 @@ def test_top_level_modules_import_nothing_heavy(tmp_path: Path):
     assert len(TOP_LEVEL) > 15
 
 
-@pytest.mark.parametrize("name", ["data", "training"])
+@pytest.mark.parametrize("name", ["data", "training", "scoring"])
 def test_engines_live_in_sub_packages(name: str):
     assert (PACKAGE / name / "__init__.py").is_file()

@@ -49,13 +49,14 @@ def test_table_shows_every_column(tmp_path):
         "SAMPLES",
         "STEPS",
         "LOSS",
+        "EVAL",
         "TOK/S",
         "ADAPTER",
         "MERGED",
         "UPDATED",
     ]
     code = lines[1].split()
-    assert code[:10] == [
+    assert code[:11] == [
         "code",
         "trained",
         "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -63,6 +64,7 @@ def test_table_shows_every_column(tmp_path):
         "120",
         "60",
         "1.2346",
+        "-",
         "-",
         "yes",
         "no",

@@ -13,6 +13,7 @@ import click
 
 from .._version import __version__
 from .chat import chat_command
+from .eval import eval_command
 from .export import export_command
 from .merge import merge_command
 from .quickstart import quickstart_command
@@ -33,6 +34,7 @@ def finetune() -> None:
       list                       show every task with its status, metrics and progress
       merge code                 merge the adapter into a full-precision model
       chat code                  talk to the fine-tuned model
+      eval code                  compare the fine-tuned model with its base
       export code / serve code   a GGUF for llama.cpp and Ollama / an OpenAI-compatible API
       cancel / delete code       stop a run from another terminal / remove a task
     """
@@ -46,6 +48,7 @@ for _command in (
     delete_command,
     merge_command,
     chat_command,
+    eval_command,
     export_command,
     serve_command,
 ):

@@ -19,6 +19,7 @@ COLUMNS = [
     ("SAMPLES", "samples"),
     ("STEPS", "steps"),
     ("LOSS", "train_loss"),
+    ("EVAL", "eval"),
     ("TOK/S", "tokens_per_second"),
     ("ADAPTER", "adapter"),
     ("MERGED", "merged"),
@@ -65,9 +66,19 @@ def _cell(key: str, row: dict[str, Any]) -> str:
         return "crashed"
     if key == "steps" and row["running"] and row["steps"] is not None:
         return f"{row['steps']}/{fmt(row['max_steps'])}"
+    if key == "eval" and row[key]:
+        return _eval_cell(row[key])
     if key == "tokens_per_second" and row[key] is not None:
         return f"{row[key]:.0f}"
     return fmt(row[key])
+
+
+def _eval_cell(headline: dict[str, Any]) -> str:
+    """The tuned model's ROUGE-L and its change from the base: ``0.83 (+0.71)``."""
+    tuned, base = headline.get("tuned"), headline.get("base")
+    if tuned is None:
+        return "-" if base is None else f"base {base:.2f}"
+    return f"{tuned:.2f}" + ("" if base is None else f" ({tuned - base:+.2f})")
 
 
 @command("cancel")

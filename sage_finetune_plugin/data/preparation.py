@@ -367,15 +367,29 @@ def _split(
         loaded = load_normalized(options.eval_data, read, content_hash(options.eval_data))
         evaluation = _tokenize(loaded, renderer, f"{key}-eval")
         return tokenized, evaluation.remove_columns(["trainable", "full_length"])
-    if not options.eval_ratio:
+    positions = eval_split(len(tokenized), options.eval_ratio, options.seed)
+    if positions is None:
         return tokenized, None
-    held_out = max(1, round(len(tokenized) * options.eval_ratio))
-    if held_out >= len(tokenized):
-        # Too little data to hold any out (a preset's eval_ratio on a handful of records):
-        # train on everything; stats.eval_samples == 0 tells the user there was no eval.
-        return tokenized, None
-    parts = tokenized.train_test_split(test_size=held_out, seed=options.seed, shuffle=True)
-    return parts["train"], parts["test"]
+    train, held_out = positions
+    return tokenized.select(train), tokenized.select(held_out)
+
+
+def eval_split(count: int, eval_ratio: float, seed: int) -> tuple[list[int], list[int]] | None:
+    """The (train, eval) positions of the split ``prepare_dataset`` makes of ``count``
+    tokenized samples: a seeded shuffle, ``eval_ratio`` of them (at least one) held out. None
+    when nothing is held out: no ratio, or too little data to hold any out (a preset's
+    eval_ratio on a handful of records trains on everything; stats.eval_samples == 0 then
+    tells the user there was no eval). `sage finetune eval` finds the held-out rows with it."""
+    from datasets import Dataset
+
+    if not eval_ratio:
+        return None
+    held_out = max(1, round(count * eval_ratio))
+    if held_out >= count:
+        return None
+    positions = Dataset.from_dict({"position": list(range(count))})
+    parts = positions.train_test_split(test_size=held_out, seed=seed, shuffle=True)
+    return list(parts["train"]["position"]), list(parts["test"]["position"])
 
 
 def _store(
