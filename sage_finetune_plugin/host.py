@@ -21,7 +21,10 @@ from collections.abc import Sequence
 from typing import Any
 
 COMMAND = "finetune"
-HELP = "Fine-tune small language models with LoRA / QLoRA (quickstart, run, list, merge, chat)."
+HELP = (
+    "Fine-tune small language models with LoRA / QLoRA "
+    "(quickstart, run, list, eval, merge, chat, export, serve)."
+)
 
 
 def run_group(argv: Sequence[str]) -> int:
