@@ -30,7 +30,14 @@ TASK_FIELDS = (
     "eval_ratio",
     "data_format",
     "train_on_prompt",
+    "skip_invalid",
     "output_dir",
+    # The objective and its own settings, which no preset sets.
+    "method",
+    "init_adapter",
+    "pref_beta",
+    "kto_desirable_weight",
+    "kto_undesirable_weight",
 )
 
 

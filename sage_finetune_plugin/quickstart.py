@@ -45,7 +45,10 @@ TASK_TYPES: dict[str, str | None] = {
     "instruction": "alpaca",
     "chat": "conversation",
     "custom": None,
+    "preference": None,  # pairs or KTO records, for dpo, orpo or kto: see _quickstart_preference
 }
+#: The task type of preference data (its data layer is data/preference.py).
+PREFERENCE_TASK = "preference"
 
 
 @dataclass
@@ -79,6 +82,7 @@ def quickstart(
     root: str | os.PathLike[str] | None = None,
     preview: int = 0,
     on_status: Callable[[str], None] | None = None,
+    method: str | None = None,
 ) -> QuickstartResult:
     """Create ``<root>/<name>`` (default name: the task type) ready for ``sage finetune run``.
 
@@ -87,8 +91,26 @@ def quickstart(
     ``data_format`` is given; ``custom`` detects it). The model's tokenizer, when it can be
     loaded, tokenizes the data once: that fills the statistics, the preview and the cache
     that ``run`` reuses. An existing task is replaced only with ``force``. ``on_status``
-    receives progress lines.
+    receives progress lines. ``preference`` reads pairs or KTO records for ``method`` (dpo,
+    orpo or kto; default dpo).
     """
+    if task_type == PREFERENCE_TASK:
+        if source is not None or data_format is not None:
+            raise UsageProblem("--source and --format are not for `quickstart preference`.")
+        return _quickstart_preference(
+            data,
+            method or "dpo",
+            name,
+            skip_invalid,
+            model,
+            preset,
+            force,
+            root,
+            preview,
+            on_status,
+        )
+    if method is not None:
+        raise UsageProblem("--method is for `quickstart preference` (dpo, orpo or kto).")
     _check_arguments(task_type, data, source, data_format)
     target = new_task_dir(name or task_type, root)
     replacing = _check_target(target, force)
@@ -239,3 +261,84 @@ def _write_meta(
         status="prepared",
     )
     return save_meta(folder, meta)
+
+
+# --- preference tasks (DPO, ORPO, KTO) --------------------------------------------------------
+
+
+def _quickstart_preference(
+    data: str | os.PathLike[str] | None,
+    method: str,
+    name: str | None,
+    skip_invalid: bool,
+    model: str | None,
+    preset: str,
+    force: bool,
+    root: str | os.PathLike[str] | None,
+    preview: int,
+    on_status: Callable[[str], None] | None,
+) -> QuickstartResult:
+    """A task that trains ``method`` on preference data, laid out as the others (its data in
+    canonical preference records, the rendered data in the task's cache)."""
+    from .config import PREFERENCE_METHODS
+    from .data.preference import load_preferences, prepare_preferences, preview_preferences
+    from .models import load_tokenizer
+    from .paths import PREFERENCE_CACHE
+    from .runs import fit_method
+
+    if data is None:
+        raise UsageProblem(
+            "quickstart preference needs --data FILE: prompt/chosen/rejected pairs, or "
+            "prompt/completion/label records for kto."
+        )
+    if method not in PREFERENCE_METHODS:
+        raise UsageProblem(f"--method must be one of {', '.join(PREFERENCE_METHODS)}.")
+    target = new_task_dir(name or PREFERENCE_TASK, root)
+    replacing = _check_target(target, force)
+    config = PresetConfigs.auto(model) if preset == "auto" else PresetConfigs.get(preset)
+    loaded = load_preferences(data, method, skip_invalid=skip_invalid)
+    config, notes = fit_method(
+        config.replace(
+            model_name=model or config.model_name,
+            data_path=DATASET_FILE,
+            output_dir=".",
+            data_format=loaded.format,
+            method=method,
+            packing=False,
+        )
+    )
+    stats, samples, warnings = None, [], list(notes)
+    with (
+        RunLock(target) if replacing else contextlib.nullcontext(),
+        atomic_directory(target, replace=replacing) as building,
+    ):
+        _write_data(building, loaded, config)  # type: ignore[arg-type]
+        try:
+            tokenizer = load_tokenizer(
+                config.model_name, trust_remote_code=config.trust_remote_code
+            )
+        except ModelError as exc:
+            warnings.append(f"Token statistics and preview skipped: {exc}")
+        else:
+            if on_status is not None:
+                on_status(f"Rendering {len(loaded)} records for {config.model_name}")
+            cache = building / PREFERENCE_CACHE
+            stats = prepare_preferences(building / DATASET_FILE, tokenizer, config, cache_dir=cache)
+            stats = stats.stats
+            stats.records_read = loaded.records_read
+            stats.dropped = {**loaded.dropped, **stats.dropped}
+            stats.drop_examples = {**loaded.drop_examples, **stats.drop_examples}
+            samples = preview_preferences(loaded, tokenizer, preview)
+        meta = _write_meta(building, PREFERENCE_TASK, config, loaded, stats, data, None)  # type: ignore[arg-type]
+    return QuickstartResult(
+        task_dir=target,
+        meta=meta,
+        config=config,
+        records_read=loaded.records_read,
+        records_kept=len(loaded),
+        dropped=loaded.dropped,
+        stats=stats,  # type: ignore[arg-type]
+        preview=samples,
+        warnings=warnings,
+        replaced=replacing,
+    )

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "sage_finetune_plugin"
-HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate")
+HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate", "trl")
 
 
 def module_name(path: Path) -> str:

@@ -33,6 +33,12 @@ from .run import run_command
     help="Force the data format: alpaca, qa, conversation, prompt_completion or text.",
 )
 @click.option("--skip-invalid", is_flag=True, help="Drop malformed records instead of failing.")
+@click.option(
+    "--method",
+    type=click.Choice(["dpo", "orpo", "kto"]),
+    default=None,
+    help="preference only: the preference method the task trains [default: dpo].",
+)
 @click.option("--model", help="Base model: hub id or local directory [default: the preset's].")
 @click.option(
     "--preset",
@@ -58,6 +64,7 @@ def quickstart_command(
     name: str | None,
     data_format: str | None,
     skip_invalid: bool,
+    method: str | None,
     model: str | None,
     preset: str,
     force: bool,
@@ -74,6 +81,8 @@ def quickstart_command(
       instruction  alpaca instruction/input/output records from --data
       chat         conversations (messages or ShareGPT) from --data
       custom       any supported format from --data, detected
+      preference   chosen/rejected pairs or KTO records from --data, for --method
+                   dpo (default), orpo or kto (needs TRL)
     """
     from ..deps import require
 
@@ -96,6 +105,7 @@ def quickstart_command(
         root=root,
         preview=preview,
         on_status=status,
+        method=method,
     )
     _print_quickstart(result)
     if run_after:

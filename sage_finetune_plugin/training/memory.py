@@ -25,6 +25,16 @@ CPU; see tests/test_memory.py):
 - overhead: on a GPU the CUDA context and allocator slack; on the CPU the resident size of
   Python with torch, transformers, peft and datasets loaded, plus the freed activation memory
   that glibc's malloc keeps resident (measured: half of a step's activations).
+
+Preference tuning (``config.method``) changes three terms. DPO and ORPO run the chosen and the
+rejected answer of each pair through the model together, so activations and logits are those
+of twice the batch. DPO and KTO score tokens with TRL's fused LM head, in chunks of at most
+``FUSED_HEAD_CHUNK`` positions. And DPO and KTO run the reference model: the same weights with
+the adapter disabled (or a frozen copy of a continued adapter, counted in ``reference``), in
+forward passes without gradients while the policy's activations are held. Such a pass keeps
+one layer's tensors and its own chunk of logits at a time; ``reference`` is what that raises
+the peak above the loss's (often nothing: the passes reuse memory the loss freed). KTO's
+extra passes (the mismatched pairs of its KL term) are counted the same way.
 """
 
 from __future__ import annotations
@@ -69,6 +79,14 @@ ADAM_STATE_BYTES = 8
 #: fp32 tensors of batch x sequence x vocabulary alive at the loss's peak: the log-softmax
 #: saved for backward, its gradient and the gradient of the logits.
 LOGITS_COPIES = 3
+#: Positions TRL's fused LM head (DPO, KTO) scores at once: logits exist for one chunk only.
+FUSED_HEAD_CHUNK = 32768
+#: fp32 chunk-sized tensors alive in a forward pass without gradients: logits, log-softmax.
+NO_GRAD_LOGITS_COPIES = 2
+#: Sequences per sample in one training forward pass: a pair's two answers go together.
+SEQUENCES_PER_SAMPLE = {"dpo": 2, "orpo": 2}
+#: Methods that run a reference model (passes without gradients, one after the other).
+REFERENCE_METHODS = ("dpo", "kto")
 
 
 @dataclass
@@ -91,6 +109,10 @@ class MemoryEstimate:
     activations: int
     logits: int
     overhead: int
+    #: What the reference model's forward passes (DPO, KTO) add to the peak, and a frozen
+    #: copy of a continued adapter.
+    reference: int = 0
+    method: str = "sft"
 
     COMPONENTS = (
         "weights",
@@ -99,6 +121,7 @@ class MemoryEstimate:
         "optimizer_states",
         "activations",
         "logits",
+        "reference",
         "overhead",
     )
 
@@ -113,9 +136,14 @@ class MemoryEstimate:
         """Human-readable lines: the setting, then one line per component and the total."""
         quantized = f", {self.quantization}" if self.quantization else ""
         checkpointing = ", gradient checkpointing" if self.gradient_checkpointing else ""
+        if self.method in SEQUENCES_PER_SAMPLE:  # both answers of each pair
+            pairs = self.batch_size // SEQUENCES_PER_SAMPLE[self.method]
+            batch = f"batch {pairs} pairs ({self.batch_size} sequences)"
+        else:
+            batch = f"batch {self.batch_size}"
         lines = [
             f"Memory estimate for {self.model_name} on {self.device} ({self.precision}"
-            f"{quantized}{checkpointing}), batch {self.batch_size} x {self.seq_len} tokens:",
+            f"{quantized}{checkpointing}), {batch} x {self.seq_len} tokens:",
         ]
         labels = {
             "weights": f"base weights ({self.parameters / 1e6:,.1f}M parameters)",
@@ -124,11 +152,16 @@ class MemoryEstimate:
             "optimizer_states": "optimizer states",
             "activations": "activations",
             "logits": "logits and loss",
+            "reference": "reference passes (no grad, shared weights)",
             "overhead": "CUDA context and allocator"
             if self.device == "cuda"
             else "Python, libraries and allocator",
         }
-        lines += [f"  {labels[name]:<42} {_gib(getattr(self, name))}" for name in self.COMPONENTS]
+        lines += [
+            f"  {labels[name]:<42} {_gib(getattr(self, name))}"
+            for name in self.COMPONENTS
+            if name != "reference" or self.method in REFERENCE_METHODS
+        ]
         lines.append(f"  {'total (peak)':<42} {_gib(self.total)}")
         return lines
 
@@ -173,7 +206,9 @@ def estimate_memory(
         lora, setting, config.lora.r, config.lora.lora_dropout
     ) / max(arch.layers, 1)
     activations = _activations(arch, setting, layer, config)
-    logits = _logits(arch, setting)
+    fused = config.method in REFERENCE_METHODS  # TRL's DPO and KTO score through a fused head
+    logits = _logits(arch, setting, fused=fused)
+    reference = _reference(arch, setting, layer, config, logits, trainable)
     return MemoryEstimate(
         model_name=config.model_name,
         device=runtime.device,
@@ -190,7 +225,9 @@ def estimate_memory(
         optimizer_states=trainable * _optimizer_bytes(runtime.optim),
         activations=activations,
         logits=logits,
-        overhead=_overhead(arch, setting, layer, activations + logits),
+        overhead=_overhead(arch, setting, layer, activations + logits + reference),
+        reference=reference,
+        method=config.method,
     )
 
 
@@ -346,7 +383,7 @@ class _Setting:
     @classmethod
     def of(cls, config: TrainingConfig, runtime: Runtime, seq_len: int | None) -> _Setting:
         length = min(seq_len or config.max_length, config.max_length)
-        batch = config.per_device_train_batch_size
+        batch = config.per_device_train_batch_size * SEQUENCES_PER_SAMPLE.get(config.method, 1)
         device, precision = runtime.device, runtime.dtype_name
         if config.packing:  # the collator packs a batch into one row
             return cls(device, precision, 1, batch * length, True)
@@ -451,9 +488,31 @@ def _dequantization_workspace(
     return max(layer.in_features * layer.out_features for layer in arch.linears) * setting.element
 
 
-def _logits(arch: _Architecture, setting: _Setting) -> int:
+def _logits(arch: _Architecture, setting: _Setting, *, fused: bool = False) -> int:
     extra = 0 if setting.precision == "float32" else setting.element  # the half-precision logits
-    return setting.tokens * arch.vocab * (LOGITS_COPIES * 4 + extra)
+    positions = min(setting.tokens, FUSED_HEAD_CHUNK) if fused else setting.tokens
+    return positions * arch.vocab * (LOGITS_COPIES * 4 + extra)
+
+
+def _reference(
+    arch: _Architecture,
+    setting: _Setting,
+    layer: float,
+    config: TrainingConfig,
+    logits: int,
+    trainable: int,
+) -> int:
+    """What the reference passes raise the peak by, while the policy's activations are held:
+    one layer's tensors and one chunk of logits at a time, beyond the loss's own peak; plus
+    the frozen copy of a continued adapter."""
+    if config.method not in REFERENCE_METHODS:
+        return 0
+    hidden = 2 * arch.hidden * setting.element  # a layer's input and output
+    positions = min(setting.tokens, FUSED_HEAD_CHUNK)
+    head = positions * arch.vocab * 4 * NO_GRAD_LOGITS_COPIES
+    transient = int(setting.tokens * (layer + hidden)) + head
+    copy = trainable * 4 if config.init_adapter else 0
+    return max(0, transient - logits) + copy
 
 
 def _overhead(arch: _Architecture, setting: _Setting, layer: float, dynamic: int) -> int:
