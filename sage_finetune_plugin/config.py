@@ -154,6 +154,11 @@ class TrainingConfig:
         "odds-ratio term.",
         default=0.1,
     )
+    pref_ftx: float = _help(
+        "dpo: weight of a supervised loss on the chosen answers added to the DPO loss (RPO); "
+        "0 for plain DPO.",
+        default=0.0,
+    )
     kto_desirable_weight: float = _help("kto: weight of the desirable examples' loss.", default=1.0)
     kto_undesirable_weight: float = _help(
         "kto: weight of the undesirable examples' loss.", default=1.0
@@ -225,6 +230,8 @@ class TrainingConfig:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}.")
         if self.pref_beta <= 0:
             raise ConfigError(f"pref_beta must be positive, got {self.pref_beta}.")
+        if self.pref_ftx < 0:
+            raise ConfigError(f"pref_ftx must not be negative, got {self.pref_ftx}.")
         if self.kto_desirable_weight <= 0 or self.kto_undesirable_weight <= 0:
             raise ConfigError("kto_desirable_weight and kto_undesirable_weight must be positive.")
         if not self.model_name.strip():

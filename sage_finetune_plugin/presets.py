@@ -36,6 +36,7 @@ TASK_FIELDS = (
     "method",
     "init_adapter",
     "pref_beta",
+    "pref_ftx",
     "kto_desirable_weight",
     "kto_undesirable_weight",
 )

@@ -149,7 +149,12 @@ class RunPlan:
         else:
             trainer = {"dpo": "DPOTrainer", "orpo": "ORPOTrainer", "kto": "KTOTrainer"}[method]
             beta = "lambda" if method == "orpo" else "beta"
-            lines = [f"Method: {method} (TRL {trainer}, {beta} {config.pref_beta:g})"]
+            ftx = (
+                f", plus {config.pref_ftx:g} x SFT loss"
+                if method == "dpo" and config.pref_ftx
+                else ""
+            )
+            lines = [f"Method: {method} (TRL {trainer}, {beta} {config.pref_beta:g}{ftx})"]
         previous = [s["method"] for s in self.task.meta.stages if s.get("status") == "trained"]
         if config.init_adapter:
             after = f", stage {len(previous) + 1} after {' + '.join(previous)}" if previous else ""

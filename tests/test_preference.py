@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from sage_finetune_plugin.checkpoints import latest_checkpoint
 from sage_finetune_plugin.cli import finetune
-from sage_finetune_plugin.config import TrainingConfig
+from sage_finetune_plugin.config import LoRAConfig, TrainingConfig
 from sage_finetune_plugin.data.preference import (
     load_preferences,
     prepare_preferences,
@@ -391,7 +391,10 @@ def test_resume_after_kill_9(tiny_model_dir: Path, tmp_path: Path) -> None:
 
 def test_memory_estimate_counts_pairs_and_reference_passes(tiny_model_dir: Path) -> None:
     base = TrainingConfig(
-        model_name=str(tiny_model_dir), max_length=128, per_device_train_batch_size=4
+        model_name=str(tiny_model_dir),
+        max_length=128,
+        per_device_train_batch_size=4,
+        lora=LoRAConfig(lora_dropout=0.0),  # TRL's trainers turn dropout off
     )
     sft = estimate_memory(base, device="cpu")
     dpo = estimate_memory(base.replace(method="dpo"), device="cpu")
@@ -401,7 +404,9 @@ def test_memory_estimate_counts_pairs_and_reference_passes(tiny_model_dir: Path)
 
     assert dpo.batch_size == orpo.batch_size == 8 and kto.batch_size == sft.batch_size == 4
     assert dpo.activations > 1.9 * sft.activations and orpo.logits == 2 * sft.logits
-    assert sft.reference == orpo.reference == 0
+    assert sft.reference == orpo.reference == 0 < dpo.reference
+    with_dropout = base.replace(method="dpo", lora={"lora_dropout": 0.1})
+    assert estimate_memory(with_dropout, device="cpu").total == dpo.total
     assert continued.reference == dpo.reference + dpo.lora_weights  # the frozen adapter copy
     assert continued.total > dpo.total > sft.total
     assert any("reference passes" in line for line in dpo.summary())
@@ -438,7 +443,7 @@ def test_estimate_matches_peak_rss_of_a_tiny_dpo_run(tiny_model_dir: Path, tmp_p
             with open("/proc/self/status") as lines:
                 return next(int(l.split()[1]) for l in lines if l.startswith(key + ":"))
         start = status("VmRSS")
-        from sage_finetune_plugin.config import TrainingConfig
+        from sage_finetune_plugin.config import LoRAConfig, TrainingConfig
         from sage_finetune_plugin.training.preference import PreferenceTrainer
         PreferenceTrainer(TrainingConfig.from_dict(json.loads(sys.argv[1]))).train()
         print(json.dumps({"start": start, "peak": status("VmHWM")}))

@@ -82,6 +82,8 @@ class PreferenceTrainer(LoRATrainer):
             "beta": config.pref_beta,
             "group_by_length": False,  # the rows are text: TRL tokenizes them
         }
+        if method == "dpo" and config.pref_ftx:  # RPO: DPO plus the chosen answers' NLL
+            extra.update(loss_type=["sigmoid", "sft"], loss_weights=[1.0, config.pref_ftx])
         if method == "kto":
             extra.update(
                 desirable_weight=config.kto_desirable_weight,
