@@ -308,11 +308,13 @@ def _quickstart_preference(
         )
     )
     stats, samples, warnings = None, [], list(notes)
+    # The preference records stand in for LoadedData in _write_data and _write_meta (records(),
+    # format, records_read, dropped), as their statistics do for DataStats.
     with (
         RunLock(target) if replacing else contextlib.nullcontext(),
         atomic_directory(target, replace=replacing) as building,
     ):
-        _write_data(building, loaded, config)  # type: ignore[arg-type]
+        _write_data(building, loaded, config)
         try:
             tokenizer = load_tokenizer(
                 config.model_name, trust_remote_code=config.trust_remote_code
@@ -323,13 +325,15 @@ def _quickstart_preference(
             if on_status is not None:
                 on_status(f"Rendering {len(loaded)} records for {config.model_name}")
             cache = building / PREFERENCE_CACHE
-            stats = prepare_preferences(building / DATASET_FILE, tokenizer, config, cache_dir=cache)
-            stats = stats.stats
+            prepared = prepare_preferences(
+                building / DATASET_FILE, tokenizer, config, cache_dir=cache
+            )
+            stats = prepared.stats
             stats.records_read = loaded.records_read
             stats.dropped = {**loaded.dropped, **stats.dropped}
             stats.drop_examples = {**loaded.drop_examples, **stats.drop_examples}
             samples = preview_preferences(loaded, tokenizer, preview)
-        meta = _write_meta(building, PREFERENCE_TASK, config, loaded, stats, data, None)  # type: ignore[arg-type]
+        meta = _write_meta(building, PREFERENCE_TASK, config, loaded, stats, data, None)
     return QuickstartResult(
         task_dir=target,
         meta=meta,
@@ -337,7 +341,7 @@ def _quickstart_preference(
         records_read=loaded.records_read,
         records_kept=len(loaded),
         dropped=loaded.dropped,
-        stats=stats,  # type: ignore[arg-type]
+        stats=stats,
         preview=samples,
         warnings=warnings,
         replaced=replacing,

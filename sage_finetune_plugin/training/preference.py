@@ -26,6 +26,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from ..config import PREFERENCE_METHODS, TrainingConfig
+from ..data.preference import PreparedPreferences, prepare_preferences, quiet_progress
 from ..deps import require_optional
 from ..errors import DataError
 from ..paths import PREFERENCE_CACHE
@@ -33,8 +34,6 @@ from .recipe import LoRATrainer
 
 if TYPE_CHECKING:
     from transformers import Trainer
-
-    from ..data.preference import PreparedPreferences
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +59,6 @@ class PreferenceTrainer(LoRATrainer):
 
     def prepare_data(self) -> PreparedPreferences:
         """Preference data rendered through the chat template, split and cached."""
-        from ..data.preference import prepare_preferences
-
         if not self.config.data_path:
             raise DataError("No preference data: set data_path in the training config.")
         data = prepare_preferences(
@@ -91,8 +88,6 @@ class PreferenceTrainer(LoRATrainer):
                 # The KL term pairs each answer with its batch neighbours' prompts.
                 train_sampling_strategy="sequential",
             )
-        from ..data.preference import quiet_progress
-
         with quiet_progress(len(data.train)):  # TRL tokenizes the rendered text
             trainer = trainer_class(
                 model=model,
