@@ -37,7 +37,7 @@ from .run import run_command
     "--method",
     type=click.Choice(["dpo", "orpo", "kto"]),
     default=None,
-    help="preference only: the preference method the task trains [default: dpo].",
+    help="For `quickstart preference`: the method the task trains [default: dpo].",
 )
 @click.option("--model", help="Base model: hub id or local directory [default: the preset's].")
 @click.option(

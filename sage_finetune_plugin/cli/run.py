@@ -98,7 +98,7 @@ def _complete_settings(ctx: click.Context, param: click.Parameter, incomplete: s
     type=click.Choice(METHODS),
     default=None,
     help="Training objective: sft, or preference tuning with dpo, orpo or kto (needs TRL). "
-    "Another method than the task's (or --data) is a new stage that continues the task's "
+    "A method other than the task's (or --data) is a new stage that continues the task's "
     "adapter.",
 )
 @click.option(
