@@ -56,7 +56,6 @@ if TYPE_CHECKING:
 PAIRED = "preference"
 #: A prompt with one answer labelled desirable or not (KTO).
 UNPAIRED = "kto"
-PREFERENCE_FORMATS = (PAIRED, UNPAIRED)
 #: The data formats each preference method trains on.
 METHOD_FORMATS = {"dpo": (PAIRED,), "orpo": (PAIRED,), "kto": (UNPAIRED, PAIRED)}
 
