@@ -26,6 +26,7 @@ _LAZY = {
     "format_conversation_sample": ".data",
     "format_text_sample": ".data",
     "LoRATrainer": ".training.recipe",
+    "PreferenceTrainer": ".training.preference",
     "TrainResult": ".training.metrics",
     "RunOptions": ".runs",
     "RunPlan": ".runs",

@@ -31,6 +31,10 @@ SMALL_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 #: The model recommended for 24 GB and larger cards.
 LARGE_MODEL = "Qwen/Qwen2.5-Coder-7B-Instruct"
 
+#: Training objectives: supervised fine-tuning, and the preference methods run through TRL.
+PREFERENCE_METHODS = ("dpo", "orpo", "kto")
+METHODS = ("sft", *PREFERENCE_METHODS)
+
 #: ``target_modules`` value meaning "every linear projection of the architecture except the
 #: output head" (peft resolves it per model).
 ALL_LINEAR = "all-linear"
@@ -113,6 +117,10 @@ class TrainingConfig:
     system_prompt: str | None = _help(
         "System prompt for records without one (training and chat).", default=None
     )
+    skip_invalid: bool = _help(
+        "Drop malformed records (counted in the data statistics) instead of failing.",
+        default=False,
+    )
 
     # Schedule
     output_dir: str = _help(
@@ -142,6 +150,31 @@ class TrainingConfig:
 
     lora: LoRAConfig = _help("LoRA settings.", default_factory=LoRAConfig)
 
+    # Objective (preference tuning runs through TRL: pip install 'sage-finetune-plugin[preference]')
+    method: str = _help(
+        "Training objective: sft (supervised), dpo, orpo or kto (preference tuning).",
+        default="sft",
+    )
+    init_adapter: str | None = _help(
+        "Adapter to continue training instead of a fresh LoRA (a later stage starts from the "
+        "task's adapter).",
+        default=None,
+    )
+    pref_beta: float = _help(
+        "dpo/kto: beta, how far the model may move from the reference; orpo: weight of the "
+        "odds-ratio term.",
+        default=0.1,
+    )
+    pref_ftx: float = _help(
+        "dpo: weight of a supervised loss on the chosen answers added to the DPO loss (RPO); "
+        "0 for plain DPO.",
+        default=0.0,
+    )
+    kto_desirable_weight: float = _help("kto: weight of the desirable examples' loss.", default=1.0)
+    kto_undesirable_weight: float = _help(
+        "kto: weight of the undesirable examples' loss.", default=1.0
+    )
+
     # Misc
     seed: int = _help("Random seed.", default=42)
     dataloader_num_workers: int = _help("Data-loader worker processes.", default=0)
@@ -151,7 +184,7 @@ class TrainingConfig:
         if isinstance(self.lora, dict):
             self.lora = LoRAConfig.from_dict(self.lora)
         # Paths are stored as strings so the config stays JSON-serializable.
-        for name in ("data_path", "eval_data_path", "output_dir"):
+        for name in ("data_path", "eval_data_path", "output_dir", "init_adapter"):
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
                 setattr(self, name, os.fspath(value))
@@ -204,6 +237,14 @@ class TrainingConfig:
             raise ConfigError(f"report_to must be tensorboard or none, got {self.report_to!r}.")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"num_threads must be at least 1, got {self.num_threads}.")
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}.")
+        if self.pref_beta <= 0:
+            raise ConfigError(f"pref_beta must be positive, got {self.pref_beta}.")
+        if self.pref_ftx < 0:
+            raise ConfigError(f"pref_ftx must not be negative, got {self.pref_ftx}.")
+        if self.kto_desirable_weight <= 0 or self.kto_undesirable_weight <= 0:
+            raise ConfigError("kto_desirable_weight and kto_undesirable_weight must be positive.")
         if not self.model_name.strip():
             raise ConfigError("model_name is empty: give a hub id or a local directory.")
         for name in ("columns", "placeholders"):

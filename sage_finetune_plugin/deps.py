@@ -1,8 +1,10 @@
-"""Check that the training stack is installed, without importing it."""
+"""Check that the training stack (and optional packages) are installed, without importing them."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import re
 
 from .errors import DependencyError
 
@@ -13,6 +15,11 @@ TRAINING_STACK = {
     "peft": "peft",
     "accelerate": "accelerate",
     "datasets": "datasets",
+}
+
+#: Optional packages: import name -> (oldest version that works, what needs it, the extra).
+OPTIONAL = {
+    "trl": ("1.16", "Preference tuning (dpo, orpo, kto)", "preference"),
 }
 
 
@@ -29,8 +36,34 @@ def require(*modules: str) -> None:
         )
 
 
+def require_optional(module: str) -> None:
+    """Raise DependencyError, in one line saying what to install, when the optional package
+    ``module`` is missing or older than the plugin needs."""
+    oldest, purpose, extra = OPTIONAL[module]
+    found = _version(module) if _installed(module) else None
+    if found is not None and _numbers(found) >= _numbers(oldest):
+        return
+    where = f"found {module} {found}" if found else f"{module} is not installed"
+    raise DependencyError(
+        f"{purpose} needs {module} >= {oldest} ({where}): "
+        f"pip install 'sage-finetune-plugin[{extra}]' (or pip install '{module}>={oldest}')."
+    )
+
+
 def _installed(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):  # a blocked or half-installed package
         return False
+
+
+def _version(module: str) -> str | None:
+    try:
+        return importlib.metadata.version(module)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _numbers(version: str) -> tuple[int, ...]:
+    """The leading numeric parts of a version (``1.16.0rc1`` -> (1, 16, 0))."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])

@@ -13,6 +13,8 @@ hold only those still load. Keys this version does not know are kept as they are
 (list of ``{"step", "loss"}``), ``tokens_per_second``, ``wall_time_s`` and
 ``peak_memory_bytes``. ``progress`` is rewritten at every logging step of a run (``step``,
 ``max_steps``, ``loss``, ``tokens_per_second``, ``updated_at``), so ``list`` can show it.
+``stages`` lists the runs that built the adapter when one continued another (supervised
+tuning, then a preference stage); a run that starts over leaves one stage.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ class TaskMeta:
     merged_path: str | None = None
     #: What ``merge`` recorded: dtype, size in bytes, checkpoint, logits check.
     merge: dict[str, Any] = field(default_factory=dict)
+    #: The training stages that made the adapter, oldest first (``sft``, then ``dpo``, ...):
+    #: method, data, status, steps, what it started from, its last metrics.
+    stages: list[dict[str, Any]] = field(default_factory=list)
     #: Keys this version does not know, written back unchanged.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -156,12 +161,13 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "adapter_path": str,
     "merged_path": str,
     "merge": dict,
+    "stages": list,
 }
 _NULLABLE = {f.name for f in dataclasses.fields(TaskMeta) if f.default is None}
 
 
 def _type_name(expected: type | tuple[type, ...]) -> str:
-    names = {"str": "a string", "int": "an integer", "dict": "an object"}
+    names = {"str": "a string", "int": "an integer", "dict": "an object", "list": "an array"}
     return names.get(getattr(expected, "__name__", ""), str(expected))
 
 

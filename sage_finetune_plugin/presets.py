@@ -30,10 +30,18 @@ TASK_FIELDS = (
     "eval_ratio",
     "data_format",
     "train_on_prompt",
+    "skip_invalid",
     "output_dir",
     "columns",
     "placeholders",
     "system_prompt",
+    # The objective and its own settings, which no preset sets.
+    "method",
+    "init_adapter",
+    "pref_beta",
+    "pref_ftx",
+    "kto_desirable_weight",
+    "kto_undesirable_weight",
 )
 
 

@@ -49,7 +49,10 @@ TASK_TYPES: dict[str, str | None] = {
     "instruction": "alpaca",
     "chat": "conversation",
     "custom": None,
+    "preference": None,  # pairs or KTO records, for dpo, orpo or kto: see _quickstart_preference
 }
+#: The task type of preference data (its data layer is data/preference.py).
+PREFERENCE_TASK = "preference"
 
 #: The task type to suggest for data of each format.
 _TASK_FOR_FORMAT = {"alpaca": "instruction", "qa": "qa", "conversation": "chat"}
@@ -92,6 +95,7 @@ def quickstart(
     placeholders: Mapping[str, str] | None = None,
     system_prompt: str | None = None,
     max_length: int | None = None,
+    method: str | None = None,
 ) -> QuickstartResult:
     """Create ``<root>/<name>`` (default name: the task type) ready for ``sage finetune run``.
 
@@ -104,8 +108,26 @@ def quickstart(
     overrides the preset's. The model's tokenizer, when it can be loaded, tokenizes the data
     once: that fills the statistics, the warnings, the preview and the cache that ``run``
     reuses. An existing task is replaced only with ``force``. ``on_status`` receives progress
-    lines.
+    lines. ``preference``
+    reads preference pairs or KTO records for ``method`` (dpo, orpo or kto; default dpo).
     """
+    if task_type == PREFERENCE_TASK:
+        if source is not None or data_format is not None:
+            raise UsageProblem("--source and --format are not for `quickstart preference`.")
+        return _quickstart_preference(
+            data,
+            method or "dpo",
+            name,
+            skip_invalid,
+            model,
+            preset,
+            force,
+            root,
+            preview,
+            on_status,
+        )
+    if method is not None:
+        raise UsageProblem("--method is for `quickstart preference` (dpo, orpo or kto).")
     _check_arguments(task_type, data, source, data_format, columns, placeholders)
     target = new_task_dir(name or task_type, root)
     replacing = _check_target(target, force)
@@ -314,3 +336,93 @@ def _write_meta(
         status="prepared",
     )
     return save_meta(folder, meta)
+
+
+# --- preference tasks (DPO, ORPO, KTO) --------------------------------------------------------
+
+
+def _quickstart_preference(
+    data: DataArgument | None,
+    method: str,
+    name: str | None,
+    skip_invalid: bool,
+    model: str | None,
+    preset: str,
+    force: bool,
+    root: str | os.PathLike[str] | None,
+    preview: int,
+    on_status: Callable[[str], None] | None,
+) -> QuickstartResult:
+    """A task that trains ``method`` on preference data, laid out as the others (its data in
+    canonical preference records, the rendered data in the task's cache)."""
+    from .config import PREFERENCE_METHODS
+    from .data.preference import load_preferences, prepare_preferences, preview_preferences
+    from .models import load_tokenizer
+    from .paths import PREFERENCE_CACHE
+    from .runs import fit_method
+
+    sources = [] if data is None else [data] if isinstance(data, str | os.PathLike) else list(data)
+    if not sources:
+        raise UsageProblem(
+            "quickstart preference needs --data FILE: prompt/chosen/rejected pairs, or "
+            "prompt/completion/label records for kto."
+        )
+    if len(sources) > 1:
+        raise UsageProblem(
+            "quickstart preference reads one --data file; combine the preference files first."
+        )
+    if method not in PREFERENCE_METHODS:
+        raise UsageProblem(f"--method must be one of {', '.join(PREFERENCE_METHODS)}.")
+    target = new_task_dir(name or PREFERENCE_TASK, root)
+    replacing = _check_target(target, force)
+    config = PresetConfigs.auto(model) if preset == "auto" else PresetConfigs.get(preset)
+    loaded = load_preferences(sources[0], method, skip_invalid=skip_invalid)
+    config, notes = fit_method(
+        config.replace(
+            model_name=model or config.model_name,
+            data_path=DATASET_FILE,
+            output_dir=".",
+            data_format=loaded.format,
+            method=method,
+            packing=False,
+        )
+    )
+    stats, samples, warnings = None, [], list(notes)
+    # The preference records stand in for LoadedData in _write_data and _write_meta (records(),
+    # format, records_read, dropped), as their statistics do for DataStats.
+    with (
+        RunLock(target) if replacing else contextlib.nullcontext(),
+        atomic_directory(target, replace=replacing) as building,
+    ):
+        _write_data(building, loaded, config)
+        try:
+            tokenizer = load_tokenizer(
+                config.model_name, trust_remote_code=config.trust_remote_code
+            )
+        except ModelError as exc:
+            warnings.append(f"Token statistics and preview skipped: {exc}")
+        else:
+            if on_status is not None:
+                on_status(f"Rendering {len(loaded)} records for {config.model_name}")
+            cache = building / PREFERENCE_CACHE
+            prepared = prepare_preferences(
+                building / DATASET_FILE, tokenizer, config, cache_dir=cache
+            )
+            stats = prepared.stats
+            stats.records_read = loaded.records_read
+            stats.dropped = {**loaded.dropped, **stats.dropped}
+            stats.drop_examples = {**loaded.drop_examples, **stats.drop_examples}
+            samples = preview_preferences(loaded, tokenizer, preview)
+        meta = _write_meta(building, PREFERENCE_TASK, config, loaded, stats, _data_file(data), None)
+    return QuickstartResult(
+        task_dir=target,
+        meta=meta,
+        config=config,
+        records_read=loaded.records_read,
+        records_kept=len(loaded),
+        dropped=loaded.dropped,
+        stats=stats,
+        preview=samples,
+        warnings=warnings,
+        replaced=replacing,
+    )

@@ -23,8 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .checkpoints import is_complete_adapter
 from .config import TrainingConfig
-from .errors import ConfigError, FinetuneError, LockError, TrainingError, UsageProblem
+from .errors import (
+    ConfigError,
+    FinetuneError,
+    LockError,
+    TaskError,
+    TrainingError,
+    UsageProblem,
+)
 from .presets import apply_preset
 from .task import Task
 from .training.launch import LaunchOptions, launch_command, launch_config_path
@@ -40,8 +48,10 @@ from .training.runtime import Hardware, Runtime, resolve_runtime
 
 if TYPE_CHECKING:
     from .data import DataStats
+    from .data.preference import PreferenceStats
     from .training.callbacks import ProgressSink
     from .training.metrics import TrainResult
+    from .training.recipe import LoRATrainer
 
 #: Statuses of a task whose checkpoints belong to a run that did not finish.
 UNFINISHED = ("training", "interrupted", "failed")
@@ -75,6 +85,11 @@ class RunOptions:
     grad_accum: int | None = None
     lora_r: int | None = None
     quant: str | None = None  # "4bit", "8bit" or "none"
+    #: Another training objective or other data than the task's: a new stage of the task that
+    #: continues its adapter (``run TASK --method dpo --data prefs.jsonl``).
+    method: str | None = None
+    data: Path | None = None
+    skip_invalid: bool = False
     resume: bool = False
     force: bool = False
     launch: LaunchOptions = field(default_factory=LaunchOptions)
@@ -100,6 +115,8 @@ class RunPlan:
     blockers: list[FinetuneError] = field(default_factory=list)
     #: The command that starts this node's processes of a multi-process run.
     launch_command: list[str] | None = None
+    #: What the plan changed or decided that the user should know (recorded with the run).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def fits(self) -> bool | None:
@@ -122,11 +139,50 @@ class RunPlan:
         if self.blockers:
             raise self.blockers[0]
 
+    def objective_lines(self) -> list[str]:
+        """The method, what the run starts from and, for preference tuning, the reference
+        model, as the dry run shows them."""
+        config = self.config
+        method = config.method
+        if method == "sft":
+            lines = ["Method: sft (supervised fine-tuning)"]
+        else:
+            trainer = {"dpo": "DPOTrainer", "orpo": "ORPOTrainer", "kto": "KTOTrainer"}[method]
+            beta = "lambda" if method == "orpo" else "beta"
+            ftx = (
+                f", plus {config.pref_ftx:g} x SFT loss"
+                if method == "dpo" and config.pref_ftx
+                else ""
+            )
+            lines = [f"Method: {method} (TRL {trainer}, {beta} {config.pref_beta:g}{ftx})"]
+        previous = [s["method"] for s in self.task.meta.stages if s.get("status") == "trained"]
+        if config.init_adapter:
+            after = f", stage {len(previous) + 1} after {' + '.join(previous)}" if previous else ""
+            lines.append(f"Starts from: the task's adapter {config.init_adapter}{after}")
+        else:
+            lines.append(f"Starts from: a new LoRA adapter on {config.model_name}")
+        if method in ("dpo", "kto"):
+            reference = (
+                "the adapter as it is before this stage, kept frozen as a second LoRA adapter "
+                "on the same base weights"
+                if config.init_adapter
+                else "the base model with the adapter disabled"
+            )
+            lines.append(f"Reference model: {reference} (no second copy of the weights)")
+        elif method == "orpo":
+            lines.append("Reference model: none (ORPO is reference-free)")
+        return lines
+
 
 def resolve_config(task: Task, options: RunOptions) -> TrainingConfig:
     """The config a run of ``task`` trains with (see the module docstring for the order).
     Values given on the command line that do not validate raise UsageProblem."""
-    config = task.recorded_config(resume=options.resume)
+    return _resolve(task, options)[0]
+
+
+def _resolve(task: Task, options: RunOptions) -> tuple[TrainingConfig, list[str]]:
+    """The config, and notes on what was changed to make it trainable."""
+    recorded = config = task.recorded_config(resume=options.resume)
     if options.preset is not None:
         config = apply_preset(config, options.preset)
     if options.recipe is not None:
@@ -135,9 +191,58 @@ def resolve_config(task: Task, options: RunOptions) -> TrainingConfig:
         config = config.with_settings(options.settings)
         config = config.replace(**dict(options.overrides))
         config = _apply_shortcuts(config, options)
+        if options.data is not None or config.method != recorded.method:
+            config = _new_stage(task, config, options)
+        config, notes = fit_method(config)
     except ConfigError as exc:
         raise UsageProblem(str(exc)) from None
-    return task.with_task_paths(config)
+    return task.with_task_paths(config), notes
+
+
+def _new_stage(task: Task, config: TrainingConfig, options: RunOptions) -> TrainingConfig:
+    """A run with another method or other data than the task's: a stage that continues the
+    task's adapter (a new adapter when the task has none yet)."""
+    if options.resume:
+        raise ConfigError(
+            "--resume continues the interrupted run as it was: drop --method and --data."
+        )
+    changes: dict[str, Any] = {}
+    if options.data is not None:
+        data = Path(options.data).expanduser()
+        if not data.exists():
+            raise ConfigError(f"--data {options.data}: no such file or directory.")
+        changes.update(data_path=str(data.resolve()), eval_data_path=None, data_format=None)
+    adapter, merged = task.adapter_dir, task.merged_dir
+    if not is_complete_adapter(adapter) and merged is not None and merged.is_dir():
+        raise TaskError(
+            f"Task {task.name!r} has a merged model ({merged}) but no adapter to continue: "
+            "train a task of its own on the merged model, `sage finetune quickstart "
+            f"preference --data FILE --model {merged}`."
+        )
+    changes["init_adapter"] = str(adapter) if is_complete_adapter(adapter) else None
+    return config.replace(**changes)
+
+
+def fit_method(config: TrainingConfig) -> tuple[TrainingConfig, list[str]]:
+    """``config`` with the settings its method cannot train with changed, and notes saying
+    what changed (preference methods: no packing; kto: at least 2 samples per batch)."""
+    notes: list[str] = []
+    if config.method == "sft":
+        return config, notes
+    changes: dict[str, Any] = {}
+    if config.packing:
+        changes["packing"] = False
+        notes.append(f"packing does not apply to {config.method}: batches are padded instead")
+    batch, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
+    if config.method == "kto" and batch < 2:
+        # TRL's KTO estimates its KL term from the other answers of a batch.
+        halved = max(1, accumulation // 2)
+        changes.update(per_device_train_batch_size=2, gradient_accumulation_steps=halved)
+        notes.append(
+            f"kto needs at least 2 samples per batch for its KL estimate: batch {batch} x "
+            f"{accumulation} became 2 x {halved}"
+        )
+    return (config.replace(**changes) if changes else config), notes
 
 
 def _apply_shortcuts(config: TrainingConfig, options: RunOptions) -> TrainingConfig:
@@ -160,6 +265,10 @@ def _apply_shortcuts(config: TrainingConfig, options: RunOptions) -> TrainingCon
         if options.quant not in QUANTIZATION:
             raise ConfigError(f"--quant must be one of {', '.join(QUANTIZATION)}.")
         changes.update(QUANTIZATION[options.quant])
+    if options.method is not None:
+        changes["method"] = options.method
+    if options.skip_invalid:
+        changes["skip_invalid"] = True
     if options.lora_r is not None:  # keep the scaling alpha / r
         alpha = max(1, round(config.lora.lora_alpha * options.lora_r / config.lora.r))
         changes["lora"] = {"r": options.lora_r, "lora_alpha": alpha}
@@ -176,10 +285,10 @@ def plan_run(
     task = Task.of(task)
     options = options or RunOptions()
     options.launch.validate()
-    config = resolve_config(task, options)
+    config, notes = _resolve(task, options)
     hardware = hardware or Hardware.detect()
     runtime = resolve_runtime(config, hardware)
-    blockers: list[FinetuneError] = []
+    blockers = _objective_blockers(config)
     if options.launch.node_rank == 0:  # node 0 holds the lock for a multi-node run
         try:
             task.lock().check()
@@ -216,6 +325,7 @@ def plan_run(
     else:
         plan.stale_checkpoints = len(task.checkpoints())
     plan.blockers = blockers
+    plan.notes = notes
     if options.launch.distributed:
         plan.launch_command = launch_command(
             task.path.resolve(),
@@ -224,6 +334,30 @@ def plan_run(
             resume=options.resume,
         )
     return plan
+
+
+def _objective_blockers(config: TrainingConfig) -> list[FinetuneError]:
+    """What the method needs and lacks: TRL for preference tuning."""
+    if config.method == "sft":
+        return []
+    from .deps import require_optional
+
+    try:
+        require_optional("trl")
+    except FinetuneError as exc:
+        return [exc]
+    return []
+
+
+def _trainer(config: TrainingConfig, **kwargs: Any) -> LoRATrainer:
+    """The trainer for the config's method: LoRATrainer (sft) or PreferenceTrainer."""
+    if config.method == "sft":
+        from .training.recipe import LoRATrainer
+
+        return LoRATrainer(config, **kwargs)
+    from .training.preference import PreferenceTrainer
+
+    return PreferenceTrainer(config, **kwargs)
 
 
 def start_run(
@@ -240,14 +374,13 @@ def start_run(
         from .training.launch import launch
 
         return launch(task, plan.config, options.launch, plan.hardware, resume=options.resume)
-    from .training.recipe import LoRATrainer
-
-    trainer = LoRATrainer(
+    trainer = _trainer(
         plan.config,
         task_dir=task,
         callbacks=callbacks,
         progress=progress,
         hardware=plan.hardware,
+        notes=plan.notes,
     )
     return trainer.train(resume_from_checkpoint=options.resume)
 
@@ -280,23 +413,28 @@ def run_worker(
 ) -> TrainResult:
     """One rank of a multi-process run, started by the launcher: train the config the
     launcher resolved (its checks are done and it holds the lock)."""
-    from .training.recipe import LoRATrainer
-
     config = TrainingConfig.load(config_file)
-    trainer = LoRATrainer(config, task_dir=task_dir, progress=progress)
+    trainer = _trainer(config, task_dir=task_dir, progress=progress)
     return trainer.train(resume_from_checkpoint=resume)
 
 
-def inspect_data(plan: RunPlan) -> DataStats:
+def inspect_data(plan: RunPlan) -> DataStats | PreferenceStats:
     """Tokenize the planned run's data without caching it, for the statistics (dry run)."""
-    from .data import prepare_dataset
     from .models import load_tokenizer
 
     config = plan.config
     if not config.data_path:
         raise FinetuneError(f"Task {plan.task.path} names no training data (data_path).")
     tokenizer = load_tokenizer(config.model_name, trust_remote_code=config.trust_remote_code)
-    return prepare_dataset(config.data_path, tokenizer, config, cache_dir=None).stats
+    if config.method != "sft":
+        from .data.preference import prepare_preferences
+
+        return prepare_preferences(config.data_path, tokenizer, config).stats
+    from .data import prepare_dataset
+
+    return prepare_dataset(
+        config.data_path, tokenizer, config, skip_invalid=config.skip_invalid, cache_dir=None
+    ).stats
 
 
 def cancel_run(

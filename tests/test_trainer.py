@@ -121,6 +121,7 @@ def test_qlora_trains_on_cpu(bits: int, tiny_model_dir: Path, tmp_path: Path) ->
         optim="paged_adamw_8bit",
         gradient_checkpointing=True,
         max_steps=8,
+        eval_ratio=0.1,  # an evaluation must not leave the 4-bit weights repacked for inference
     )
     trainer = LoRATrainer(config, task_dir=tmp_path / "task")
     result = trainer.train()

@@ -147,11 +147,23 @@ def summary_lines(result: Any, task_ref: str) -> list[str]:
     processes = m.get("world_size") or 1
     batch = m.get("effective_batch_size")
     scale = f" on {processes} processes" if processes > 1 else ""
-    return [
+    lines = [
         f"Trained {m.get('global_step')} steps ({m.get('epochs')} epochs) in "
         f"{m.get('wall_time_s', 0):.0f} s{scale}: final loss {loss}, "
         f"{m.get('tokens_per_second') or 0:.0f} tokens/s"
         + (f", effective batch {batch}." if batch else "."),
+    ]
+    if m.get("reward_margin") is not None:  # preference tuning
+        rewards = [f"margin {m['reward_margin']:.3f}"]
+        if m.get("reward_accuracy") is not None:
+            rewards.append(f"accuracy {m['reward_accuracy']:.2f}")
+        if m.get("eval_reward_margin") is not None:
+            rewards.append(f"eval margin {m['eval_reward_margin']:.3f}")
+        if m.get("eval_reward_accuracy") is not None:
+            rewards.append(f"eval accuracy {m['eval_reward_accuracy']:.2f}")
+        lines.append(f"Rewards ({m.get('method')}): {', '.join(rewards)}.")
+    return [
+        *lines,
         f"Adapter: {result.adapter_path}",
         f"Next: sage finetune chat {task_ref}    |    sage finetune merge {task_ref}",
     ]

@@ -66,6 +66,12 @@ from .run import run_command
     is_flag=True,
     help="Drop malformed records instead of failing (never preference, KTO or media records).",
 )
+@click.option(
+    "--method",
+    type=click.Choice(["dpo", "orpo", "kto"]),
+    default=None,
+    help="For `quickstart preference`: the method the task trains [default: dpo].",
+)
 @click.option("--model", help="Base model: hub id or local directory [default: the preset's].")
 @click.option(
     "--preset",
@@ -95,6 +101,7 @@ def quickstart_command(
     system_prompt: str | None,
     max_length: int | None,
     skip_invalid: bool,
+    method: str | None,
     model: str | None,
     preset: str,
     force: bool,
@@ -111,8 +118,11 @@ def quickstart_command(
       instruction  alpaca instruction/input/output records from --data
       chat         conversations (messages or ShareGPT) from --data
       custom       any supported format from --data, detected
+      preference   chosen/rejected pairs or KTO records from --data, for --method
+                   dpo (default), orpo or kto (needs TRL)
 
-    Preference pairs, KTO labels and multimodal records are refused with what to use instead.
+    The supervised types refuse preference pairs, KTO labels and multimodal records, saying
+    what to use instead.
     """
     from ..deps import require
 
@@ -140,6 +150,7 @@ def quickstart_command(
         root=root,
         preview=preview,
         on_status=status,
+        method=method,
     )
     _print_quickstart(result)
     if run_after:

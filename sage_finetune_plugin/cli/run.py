@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from ..config import setting_keys
+from ..config import METHODS, setting_keys
 from ..errors import UsageProblem
 from ..presets import PresetConfigs
 from ..runs import QUANTIZATION, RunOptions, RunPlan
@@ -93,6 +93,23 @@ def _complete_settings(ctx: click.Context, param: click.Parameter, incomplete: s
 @click.option("--4bit", "four_bit", is_flag=True, help="Same as --quant 4bit.")
 @click.option("--8bit", "eight_bit", is_flag=True, help="Same as --quant 8bit.")
 @click.option("--no-quant", is_flag=True, help="Same as --quant none.")
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default=None,
+    help="Training objective: sft, or preference tuning with dpo, orpo or kto (needs TRL). "
+    "A method other than the task's (or --data) is a new stage that continues the task's "
+    "adapter.",
+)
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Train on this data instead of the task's: a new stage that continues the task's "
+    "adapter (preference pairs or KTO records with --method dpo|orpo|kto).",
+)
+@click.option("--skip-invalid", is_flag=True, help="Drop malformed records instead of failing.")
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint.")
 @click.option(
     "--dry-run",
@@ -145,6 +162,9 @@ def run_command(
     four_bit: bool,
     eight_bit: bool,
     no_quant: bool,
+    method: str | None,
+    data: Path | None,
+    skip_invalid: bool,
     resume: bool,
     dry_run: bool,
     force: bool,
@@ -159,9 +179,10 @@ def run_command(
     """Train a LoRA adapter for TASK (a task name or directory) from its meta file.
 
     The config is the task's recorded one, then --preset, --config FILE, each --set
-    KEY=VALUE, then the named options. With --nproc N (and --nnodes, --accelerate-config) the
-    run is data-parallel over N processes per node; rank 0 writes the meta, checkpoints and
-    the adapter, and each rank logs to TASK/logs/rank-<r>.log.
+    KEY=VALUE, then the named options. --method dpo|orpo|kto --data FILE adds a preference
+    stage that continues the task's adapter (SFT, then DPO). With --nproc N (and --nnodes,
+    --accelerate-config) the run is data-parallel over N processes per node; rank 0 writes
+    the meta, checkpoints and the adapter, and each rank logs to TASK/logs/rank-<r>.log.
     """
     from ..training.launch import LaunchOptions
 
@@ -178,6 +199,9 @@ def run_command(
         grad_accum=grad_accum,
         lora_r=lora_r,
         quant=_quantization(quant, four_bit, eight_bit, no_quant),
+        method=method,
+        data=data,
+        skip_invalid=skip_invalid,
         resume=resume,
         force=force,
         launch=LaunchOptions(nproc, nnodes, node_rank, master_addr, master_port, accelerate_config),
@@ -239,6 +263,10 @@ def _print_plan(plan: RunPlan) -> None:
         f"Device: {runtime.device}, precision {runtime.dtype_name}{quantized}, optimizer {optim}"
     )
     for note in runtime.notes:
+        click.echo(f"  note: {note}")
+    for line in plan.objective_lines():
+        click.echo(line)
+    for note in plan.notes:
         click.echo(f"  note: {note}")
     click.echo("Data:")
     for line in inspect_data(plan).summary().splitlines():

@@ -426,7 +426,7 @@ def _normalize_conversation(
         raise Invalid(
             "non-list conversation", f"field {key!r} must be a list, got {type(turns).__name__}"
         )
-    messages = [_normalize_message(turn, number, columns) for number, turn in enumerate(turns, 1)]
+    messages = [normalize_message(turn, number, columns) for number, turn in enumerate(turns, 1)]
     system = _text(record, "system", required=False)
     if system.strip():
         opening = messages[0] if messages else None
@@ -462,12 +462,15 @@ def _turn_keys(turn: Mapping[str, Any], columns: Mapping[str, str]) -> tuple[str
     return role_key, content_key
 
 
-def _normalize_message(turn: Any, number: int, columns: Mapping[str, str]) -> dict[str, str]:
+def normalize_message(
+    turn: Any, number: int, columns: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """One conversation turn as ``{role, content, extra}`` (see the module docstring)."""
     if not isinstance(turn, Mapping):
         raise Invalid(
             "malformed message", f"message {number} must be an object, got {type(turn).__name__}"
         )
-    role_key, content_key = _turn_keys(turn, columns)
+    role_key, content_key = _turn_keys(turn, columns or {})
     role, content = turn.get(role_key), turn.get(content_key)
     if role is None:
         raise Invalid("missing field", f"message {number} needs {role_key!r} and {content_key!r}")

@@ -37,9 +37,10 @@ from ..errors import (
     OutOfMemoryError,
     TrainingError,
     TrainingInterrupted,
+    first_line,
 )
 from ..locks import RunLock
-from ..meta import TaskMeta, meta_path, now_iso, save_meta
+from ..meta import TaskMeta, load_meta, meta_path, now_iso, save_meta
 from ..paths import (
     ADAPTER_DIR,
     CANCEL_FILE,
@@ -72,8 +73,11 @@ class LoRATrainer:
     ``RunProgress`` at every step and logging step (without one, logging steps go to
     ``logging``); ``hardware`` states the machine for the runtime policy (detected when not
     given). After ``train()`` the steps' results stay available as ``tokenizer``, ``model``,
-    ``data`` and ``trainer``.
+    ``data`` and ``trainer``. ``notes`` are recorded with the run (the run service's).
     """
+
+    #: The training objectives (``config.method``) this trainer runs.
+    METHODS: tuple[str, ...] = ("sft",)
 
     def __init__(
         self,
@@ -83,8 +87,15 @@ class LoRATrainer:
         callbacks: Sequence[Any] | None = None,
         progress: ProgressSink | None = None,
         hardware: Hardware | None = None,
+        notes: Sequence[str] = (),
     ) -> None:
         config.validate()
+        if config.method not in self.METHODS:
+            raise ConfigError(
+                f"{type(self).__name__} trains {' or '.join(self.METHODS)}, not method "
+                f"{config.method!r}: use train_from_meta or start_run, which pick the trainer "
+                "for the method (PreferenceTrainer for dpo, orpo and kto)."
+            )
         self.config = config
         self.task = task_dir if isinstance(task_dir, Task) else None
         self.task_dir = self.task.path if self.task else Path(task_dir or config.output_dir)
@@ -99,6 +110,8 @@ class LoRATrainer:
         self.trainer: Trainer | None = None
         self.target_modules: list[str] = []
         self.notes: list[str] = []
+        for note in notes:
+            self._note(note)
         self._stop = StopOnSignal(cancel_file=self.task_dir / CANCEL_FILE)
 
     @property
@@ -119,16 +132,21 @@ class LoRATrainer:
         with self._run_lock() as lock:
             if lock is not None and lock.took_over is not None:
                 self._note(f"took over the stale lock of dead process {lock.took_over.get('pid')}")
-            self._update_meta(status="training", training=self.config.to_dict(), progress={})
+            self._update_meta(
+                status="training",
+                training=self.config.to_dict(),
+                progress={},
+                stages=self._stages_at_start(bool(resume_from_checkpoint)),
+            )
             try:
                 return self._run(resume_from_checkpoint, started)
             except TrainingInterrupted:
                 raise
             except KeyboardInterrupt:
-                self._update_meta(status="interrupted")
+                self._update_meta(status="interrupted", stages=self._stages_marked("interrupted"))
                 raise TrainingInterrupted(self._interrupted_message(saved=None)) from None
             except BaseException as exc:
-                self._update_meta(status="failed")
+                self._update_meta(status="failed", stages=self._stages_marked("failed"))
                 if _is_out_of_memory(exc):
                     raise OutOfMemoryError(self._out_of_memory_message()) from exc
                 raise
@@ -206,6 +224,8 @@ class LoRATrainer:
             name = self.config.model_name
             raise ModelError(f"Cannot load model {name} from {path}: {exc}") from None
         model.config.use_cache = False  # the KV cache is useless in training
+        if runtime.device == "cpu" and quantization is not None:
+            _keep_4bit_layout(model)
         # Its fp32 upcast of the norms would break FSDP's one-dtype flat parameters.
         if quantization is not None and not fsdp_enabled():
             from peft import prepare_model_for_kbit_training
@@ -226,12 +246,16 @@ class LoRATrainer:
 
     def attach_lora(self, model: PreTrainedModel) -> Any:
         """Wrap the model with LoRA adapters; ``all-linear`` becomes the architecture's linear
-        projections (the output head excluded), recorded in ``target_modules``."""
+        projections (the output head excluded), recorded in ``target_modules``. With
+        ``config.init_adapter`` (a later stage of a task) that adapter is trained further
+        instead, with its own rank and targets."""
         from peft import LoraConfig, get_peft_model
 
         lora = self.config.lora
         if self.config.gradient_checkpointing and (not self.quantized or fsdp_enabled()):
             model.enable_input_require_grads()
+        if self.config.init_adapter:
+            return self._continue_adapter(model, self.config.init_adapter)
         peft_config = LoraConfig(
             r=lora.r,
             lora_alpha=lora.lora_alpha,
@@ -258,6 +282,32 @@ class LoRATrainer:
         )
         return model
 
+    def _continue_adapter(self, model: PreTrainedModel, adapter: str) -> Any:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(
+                f"Cannot continue the adapter in {adapter}: {first_line(exc)}"
+            ) from None
+        lora = model.peft_config["default"]
+        self.target_modules = sorted({name.rsplit(".", 1)[-1] for name in lora.target_modules})
+        settings = {"r": lora.r, "lora_alpha": lora.lora_alpha, "lora_dropout": lora.lora_dropout}
+        self.config = self.config.replace(
+            lora={**settings, "target_modules": list(self.target_modules)}
+        )
+        trainable, total = model.get_nb_trainable_parameters()
+        logger.info(
+            "Continuing the adapter %s (LoRA r=%d on %s): %s trainable parameters of %s",
+            adapter,
+            lora.r,
+            ", ".join(self.target_modules),
+            f"{trainable:,}",
+            f"{total:,}",
+        )
+        return model
+
     def prepare_data(self) -> PreparedDataset:
         """Tokenized train (and eval) data with loss masks and a padding collator."""
         from ..data import prepare_dataset
@@ -268,6 +318,7 @@ class LoRATrainer:
             self.config.data_path,
             self.tokenizer,
             self.config,
+            skip_invalid=self.config.skip_invalid,
             cache_dir=self.task_dir / PREPARED_CACHE,
         )
         logger.info("Data: %s", data.stats.summary().replace("\n", "; "))
@@ -276,8 +327,7 @@ class LoRATrainer:
     def build_trainer(self, model: Any, data: PreparedDataset) -> Trainer:
         """A ``transformers.Trainer`` with this plugin's progress reports, TensorBoard logs in
         ``<task>/logs`` and the Ctrl-C / cancel handler."""
-        from transformers import PrinterCallback, Trainer
-        from transformers import ProgressCallback as HFProgressCallback
+        from transformers import Trainer
 
         trainer = Trainer(
             model=model,
@@ -287,6 +337,15 @@ class LoRATrainer:
             data_collator=data.collator,
             processing_class=self.tokenizer,
         )
+        self.install_callbacks(trainer)
+        return trainer
+
+    def install_callbacks(self, trainer: Trainer) -> None:
+        """This plugin's progress reports, Ctrl-C / cancel handler and TensorBoard logs in
+        place of the Trainer's console output (any Trainer subclass)."""
+        from transformers import PrinterCallback
+        from transformers import ProgressCallback as HFProgressCallback
+
         trainer.remove_callback(HFProgressCallback)
         trainer.remove_callback(PrinterCallback)
         reports = ProgressCallback(self._report)
@@ -294,18 +353,20 @@ class LoRATrainer:
             trainer.add_callback(callback)
         if world_size() > 1:
             trainer.add_callback(RankLogCallback())
-        return trainer
 
-    def training_arguments(self, data: PreparedDataset) -> Any:
-        """``transformers.TrainingArguments`` for this config, device and data."""
+    def training_arguments(
+        self, data: PreparedDataset, arguments_class: type | None = None, **extra: Any
+    ) -> Any:
+        """``transformers.TrainingArguments`` (or ``arguments_class``, a subclass such as TRL's
+        configs, with ``extra`` fields) for this config, device and data."""
         from transformers import TrainingArguments
 
+        arguments_class = arguments_class or TrainingArguments
         config, runtime = self.config, self._runtime()
         has_eval = getattr(data, "eval", None) is not None
         packing = getattr(data, "packing", False)
         group_by_length = not packing and config.per_device_train_batch_size > 1
-        values = _compatible_arguments(
-            TrainingArguments,
+        values = dict(
             output_dir=str(self.checkpoints_dir),
             num_train_epochs=config.num_train_epochs,
             max_steps=config.max_steps or -1,
@@ -342,8 +403,9 @@ class LoRATrainer:
             include_num_input_tokens_seen="all" if packing else "non_padding",
             **_distributed_arguments(runtime),
         )
+        values = _compatible_arguments(arguments_class, **{**values, **extra})
         try:
-            return TrainingArguments(**values)
+            return arguments_class(**values)
         except (ValueError, ImportError) as exc:
             raise ConfigError(f"Invalid training settings: {exc}") from None
 
@@ -448,7 +510,9 @@ class LoRATrainer:
             return checkpoint
         old = list_checkpoints(self.checkpoints_dir)
         if old and is_main_process():
-            self._note(f"starting over: removed {len(old)} checkpoint(s) of an earlier run")
+            earlier = "the stage before" if self.config.init_adapter else "an earlier run"
+            start = "new stage" if self.config.init_adapter else "starting over"
+            self._note(f"{start}: removed {len(old)} checkpoint(s) of {earlier}")
             remove_tree(self.checkpoints_dir)
         return None
 
@@ -490,23 +554,100 @@ class LoRATrainer:
             "resumed_from_step": resumed["step"] if resumed else None,
             "notes": self.notes,
         }
-        title = f"{self.task_dir.name}: {self.config.model_name}"
-        plot = None
-        if is_main_process():
-            plot = plot_loss(train, evals, self.task_dir / LOSS_PLOT, title)
-        changes: dict[str, Any] = {
-            "status": status,
-            "training": self._config_used().to_dict(),
-            "metrics": metrics,
-        }
+        metrics.update(self.objective_metrics(state))
+        changes: dict[str, Any] = {"status": status, "training": self._config_used().to_dict()}
         if status == "trained":
             changes["adapter_path"] = ADAPTER_DIR
+            merged = self.task.merged_dir if self.task is not None else None
+            if merged:  # chat would otherwise answer with the model from before this run
+                changes["merged_path"] = None
+                self._note(
+                    f"the merged model in {merged} predates this run: rebuild it with "
+                    f"`sage finetune merge {self.task_dir} --force`"
+                )
+        title = f"{self.task_dir.name}: {self.config.model_name}"
+        if self.config.method != "sft":
+            title += f" ({self.config.method})"
+        plot = None
+        if is_main_process():
+            plot = plot_loss(
+                train,
+                evals,
+                self.task_dir / LOSS_PLOT,
+                title,
+                rewards=metrics.get("reward_history"),
+                eval_rewards=metrics.get("eval_reward_history"),
+            )
+        changes["metrics"] = metrics
+        changes["stages"] = self._stages_at_end(status, metrics)
         if self.data is not None and hasattr(self.data, "stats"):
             changes["data_stats"] = self.data.stats.to_dict()
             changes["num_samples"] = self.data.stats.samples + self.data.stats.eval_samples
         self._update_meta(**changes)
         logger.info("Loss curve: %s", plot)
         return metrics
+
+    def objective_metrics(self, state: Any) -> dict[str, Any]:
+        """Metrics of the training objective beyond the loss, for the meta (override; the
+        preference methods add their rewards)."""
+        return {}
+
+    def _stages_at_start(self, resume: bool) -> list[dict[str, Any]]:
+        """The meta's stages as this run begins: a resumed run goes on with its stage, a run
+        that continues an adapter (``init_adapter``) adds a stage after the finished ones,
+        any other run starts the list over."""
+        meta = self.task.meta if self.task is not None else None
+        if meta is None and meta_path(self.task_dir).exists():
+            with contextlib.suppress(FinetuneError):
+                meta = load_meta(self.task_dir)
+        stages = [dict(stage) for stage in meta.stages] if meta is not None else []
+        if resume and stages and stages[-1].get("method") == self.config.method:
+            stages[-1]["status"] = "training"
+            return stages
+        stage = {
+            "method": self.config.method,
+            "data": self._relative(self.config.data_path),
+            "start": "adapter" if self.config.init_adapter else "base model",
+            "status": "training",
+            "started_at": now_iso(),
+        }
+        if not self.config.init_adapter:
+            return [stage]
+        if not stages and meta is not None and meta.status in ("trained", "merged"):
+            # An adapter trained before stages were recorded.
+            stages = [
+                {
+                    "method": meta.training.get("method", "sft"),
+                    "data": self._relative(meta.training.get("data_path")),
+                    "status": "trained",
+                    "steps": meta.steps,
+                }
+            ]
+        return [*(s for s in stages if s.get("status") == "trained"), stage]
+
+    def _relative(self, path: str | None) -> str | None:
+        """A path inside the task relative to it (as the meta stores its own files)."""
+        if not path:
+            return path
+        with contextlib.suppress(ValueError):
+            return str(Path(path).resolve().relative_to(self.task_dir.resolve()))
+        return path
+
+    def _stages_at_end(self, status: str, metrics: dict[str, Any]) -> list[dict[str, Any]]:
+        keys = ("train_loss", "eval_loss", "reward_margin", "reward_accuracy")
+        return self._stages_marked(
+            status,
+            steps=metrics["global_step"],
+            finished_at=now_iso(),
+            **{key: metrics[key] for key in keys if metrics.get(key) is not None},
+        )
+
+    def _stages_marked(self, status: str, **fields: Any) -> list[dict[str, Any]]:
+        """The meta's stages with this run's (the last) given ``status`` and ``fields``."""
+        stages = [dict(stage) for stage in self.task.meta.stages] if self.task else []
+        if stages:
+            stages[-1].update(status=status, **fields)
+        return stages
 
     def _config_used(self) -> TrainingConfig:
         """The config with what was resolved at run time: LoRA targets, precision, optimizer."""
@@ -586,11 +727,20 @@ def _compatible_arguments(arguments_class: type, **values: Any) -> dict[str, Any
         values["warmup_steps"] = values.pop("warmup_ratio")
     if "group_by_length" not in fields:
         grouped = values.pop("group_by_length")
-        values["train_sampling_strategy"] = "group_by_length" if grouped else "random"
+        values.setdefault("train_sampling_strategy", "group_by_length" if grouped else "random")
     if "activation_checkpointing" in fields:
         values["activation_checkpointing"] = values.pop("gradient_checkpointing")
         values["activation_checkpointing_kwargs"] = values.pop("gradient_checkpointing_kwargs")
     return {key: value for key, value in values.items() if key in fields}
+
+
+def _keep_4bit_layout(model: Any) -> None:
+    """bitsandbytes repacks 4-bit weights for fast CPU inference the first time a layer runs
+    in eval mode without gradients (an evaluation step); training on the repacked weights then
+    fails. Keep the training layout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _device_map(device: str) -> Any:
