@@ -326,12 +326,22 @@ class LoRATrainer:
 
     def build_trainer(self, model: Any, data: PreparedDataset) -> Trainer:
         """A ``transformers.Trainer`` with this plugin's progress reports, TensorBoard logs in
-        ``<task>/logs`` and the Ctrl-C / cancel handler."""
+        ``<task>/logs`` and the Ctrl-C / cancel handler. The loss is computed on answer tokens
+        only, without full logits (training/loss.py): by Liger's fused kernel on CUDA when
+        ``liger-kernel`` is installed, else by this package's chunked loss where the model
+        allows it, else by the model itself."""
         from transformers import Trainer
 
-        trainer = Trainer(
+        from .loss import AnswerLossTrainer, install_answer_loss, liger_available
+
+        trainer_class, extra = Trainer, {}
+        if self._runtime().device == "cuda" and liger_available():
+            extra["use_liger_kernel"] = True
+        elif install_answer_loss(model):
+            trainer_class = AnswerLossTrainer
+        trainer = trainer_class(
             model=model,
-            args=self.training_arguments(data),
+            args=self.training_arguments(data, **extra),
             train_dataset=data.train,
             eval_dataset=getattr(data, "eval", None),
             data_collator=data.collator,
