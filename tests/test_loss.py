@@ -206,3 +206,39 @@ def test_a_run_trains_on_the_answer_loss(
     assert history[-1]["loss"] < 0.8 * history[0]["loss"]
     evals = result.metrics["eval_loss_history"]
     assert evals[-1]["loss"] < evals[0]["loss"]
+
+
+def test_packed_attention_per_sample_equals_the_block_mask(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sdpa_segments (training/attention.py) against sdpa's block-diagonal mask: loss, LoRA
+    gradients and logits of a packed batch; unpacked batches fall back to sdpa."""
+    from sage_finetune_plugin.training import attention
+    from sage_finetune_plugin.training.attention import NAME, install_segment_attention
+
+    found = []
+    segments = attention._segments
+    monkeypatch.setattr(attention, "_segments", lambda *a: found.append(segments(*a)) or found[-1])
+
+    batch = batch_of(tiny_model_dir, packing=True, train_on_prompt=False, no_labels=False)
+    assert int((batch["position_ids"] == 0).sum()) == len(RECORDS)
+    model = lora_model(tiny_model_dir)
+    plain, plain_grads = loss_and_grads(model, batch)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert install_segment_attention(model)
+    assert model.get_base_model().config._attn_implementation == NAME
+    segmented, segmented_grads = loss_and_grads(model, batch)
+    assert len(found) == 2 and len(found[0]) == len(RECORDS) + 1  # two layers, per sample
+    torch.testing.assert_close(segmented, plain, rtol=1e-5, atol=1e-6)
+    for name, gradient in plain_grads.items():
+        scale = float(gradient.abs().max())
+        torch.testing.assert_close(segmented_grads[name], gradient, rtol=1e-4, atol=1e-4 * scale)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, logits, rtol=1e-4, atol=1e-4)
+    padded = batch_of(tiny_model_dir, packing=False, train_on_prompt=False, no_labels=False)
+    with torch.no_grad():  # a padding mask: sdpa as before
+        again = model(**padded).loss
+    model.get_base_model().set_attn_implementation("sdpa")
+    with torch.no_grad():
+        torch.testing.assert_close(again, model(**padded).loss)

@@ -329,11 +329,15 @@ class LoRATrainer:
         ``<task>/logs`` and the Ctrl-C / cancel handler. The loss is computed on answer tokens
         only, without full logits (training/loss.py): by Liger's fused kernel on CUDA when
         ``liger-kernel`` is installed, else by this package's chunked loss where the model
-        allows it, else by the model itself."""
+        allows it, else by the model itself. Packed batches attend within each sample
+        (training/attention.py) where the model runs sdpa."""
         from transformers import Trainer
 
+        from .attention import install_segment_attention
         from .loss import AnswerLossTrainer, install_answer_loss, liger_available
 
+        if getattr(data, "packing", False):
+            install_segment_attention(model)
         trainer_class, extra = Trainer, {}
         if self._runtime().device == "cuda" and liger_available():
             extra["use_liger_kernel"] = True
