@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import TrainingConfig
 from ..errors import DataError
-from ..paths import atomic_directory
 from .formats import Invalid, json_type, normalize_message
+from .preparation import quiet_progress, store_splits
 from .readers import content_hash, read_records
 from .rendering import Renderer
 
@@ -61,10 +61,6 @@ METHOD_FORMATS = {"dpo": (PAIRED,), "orpo": (PAIRED,), "kto": (UNPAIRED, PAIRED)
 
 #: Bumped whenever normalizing or rendering changes, so old caches are not reused.
 PIPELINE_VERSION = 1
-#: Rendered datasets kept per cache directory (the most recently written ones).
-CACHE_ENTRIES_KEPT = 3
-#: Below this many rows, datasets' progress bars are hidden.
-PROGRESS_MIN_ROWS = 10_000
 
 _PAIR_KEYS = ("chosen", "rejected", "chosen_messages", "rejected_messages")
 _LABEL_KEYS = ("label", "kto_tag")
@@ -486,23 +482,8 @@ def prepare_preferences(
     with quiet_progress(len(rows)):
         train, eval_set = _datasets(rows), _datasets(evaluation) if evaluation else None
         if entry is not None:
-            train, eval_set = _store(entry, train, eval_set, stats)
+            train, eval_set = store_splits(entry, train, eval_set, stats)
     return PreparedPreferences(train, eval_set, stats, loaded.format)
-
-
-@contextlib.contextmanager
-def quiet_progress(rows: int) -> Iterator[None]:
-    """Hide datasets' progress bars for small data (they would only be noise)."""
-    import datasets
-
-    if rows >= PROGRESS_MIN_ROWS or not datasets.is_progress_bar_enabled():
-        yield
-        return
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        datasets.enable_progress_bars()
 
 
 class _Measure:
@@ -647,28 +628,6 @@ def _cache_key(digest: str, renderer: Renderer, config: TrainingConfig) -> str:
         "skip_invalid": config.skip_invalid,
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def _store(
-    entry: Path, train: Dataset, evaluation: Dataset | None, stats: PreferenceStats
-) -> tuple[Dataset, Dataset | None]:
-    """Save atomically (another process storing the same key first wins), prune old entries,
-    and reload from the saved copy."""
-    from datasets import load_from_disk
-
-    with atomic_directory(entry) as building:
-        train.save_to_disk(str(building / "train"))
-        if evaluation is not None:
-            evaluation.save_to_disk(str(building / "eval"))
-        (building / "stats.json").write_text(json.dumps(stats.to_dict(), indent=2) + "\n")
-    entries = [p for p in entry.parent.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    entries.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in entries[CACHE_ENTRIES_KEPT:]:
-        if old != entry:
-            shutil.rmtree(old, ignore_errors=True)
-    train = load_from_disk(str(entry / "train"))
-    evaluation = load_from_disk(str(entry / "eval")) if (entry / "eval").is_dir() else None
-    return train, evaluation
 
 
 def _from_cache(entry: Path) -> PreparedPreferences | None:

@@ -251,7 +251,7 @@ def prepare_dataset(
     if origin is not None and len(origin) == len(loaded):  # errors name the user's records
         locations = origin.dataset["location"]
         loaded.dataset = loaded.dataset.remove_columns("location").add_column("location", locations)
-    with _progress_bars(len(loaded)):
+    with quiet_progress(len(loaded)):
         tokenized = _tokenize(loaded, renderer, key, keep_empty=True)
         stats = _statistics(origin or loaded, tokenized, renderer, options)
         if stats.truncation_dropped:
@@ -261,7 +261,7 @@ def prepare_dataset(
         stats.samples, stats.eval_samples = len(train), len(evaluation or [])
         stats.cache_key = key if entry is not None else None
         if entry is not None:
-            train, evaluation = _store(entry, train, evaluation, stats)
+            train, evaluation = store_splits(entry, train, evaluation, stats)
     return PreparedDataset(
         train,
         evaluation,
@@ -401,11 +401,12 @@ def eval_split(count: int, eval_ratio: float, seed: int) -> tuple[list[int], lis
     return list(parts["train"]["position"]), list(parts["test"]["position"])
 
 
-def _store(
-    entry: Path, train: Dataset, evaluation: Dataset | None, stats: DataStats
+def store_splits(
+    entry: Path, train: Dataset, evaluation: Dataset | None, stats: Any
 ) -> tuple[Dataset, Dataset | None]:
-    """Save atomically (another process storing the same key first wins) and reload from the
-    saved copy."""
+    """Save prepared splits and their statistics (anything with ``to_dict()``) in the cache
+    entry, atomically (another process storing the same key first wins); prune old entries;
+    reload from the saved copy (so the data is memory-mapped from the cache)."""
     from datasets import load_from_disk
 
     with atomic_directory(entry) as building:
@@ -453,7 +454,7 @@ def _from_cache(entry: Path, tokenizer: Any, options: _Options) -> PreparedDatas
 
 
 @contextlib.contextmanager
-def _progress_bars(rows: int) -> Iterator[None]:
+def quiet_progress(rows: int) -> Iterator[None]:
     """Hide datasets' progress bars for small data (they would only be noise)."""
     import datasets
 

@@ -26,7 +26,8 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from ..config import PREFERENCE_METHODS, TrainingConfig
-from ..data.preference import PreparedPreferences, prepare_preferences, quiet_progress
+from ..data.preference import PreparedPreferences, prepare_preferences
+from ..data.preparation import quiet_progress
 from ..deps import require_optional
 from ..errors import DataError
 from ..paths import PREFERENCE_CACHE
