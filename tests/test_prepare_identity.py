@@ -1,7 +1,9 @@
 """Fast preparation produces the same tokens as the plain definition: every sample's segments
 (rendering.Renderer.segments) tokenized one by one with the tokenizer's own call, BOS first,
 EOS last, -100 on prompt segments (everything trained with train_on_prompt), cut at max_length.
-Checked on varied records, through two processes (as for large data) and in one."""
+Checked on varied records, through two processes (as for large data) and in one. And the
+batch renderer's one rendering per conversation splits the turns exactly as rendering turn by
+turn does, on chat templates of several families and records made to mislead it."""
 
 from __future__ import annotations
 
@@ -140,3 +142,75 @@ def test_smollm2_tokens_match_the_plain_definition(
             processes=True,
             monkeypatch=monkeypatch,
         )
+
+
+TEMPLATES = {
+    # ChatML, as the tiny model and SmolLM2 have it.
+    "chatml": None,
+    "llama3": (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>"
+        "\n\n{{ m.content | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    ),
+    "gemma": (
+        "{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}"
+        "<start_of_turn>{{ 'model' if m.role == 'assistant' else m.role }}\n"
+        "{{ m.content | trim }}<end_of_turn>\n{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    ),
+    # No generation prompt: no header to find turns by, every conversation turn by turn.
+    "llama2": (
+        "{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }} [/INST]"
+        "{% elif m.role == 'assistant' %} {{ m.content }} </s>{% endif %}{% endfor %}"
+    ),
+    # The last answer rendered differently from earlier ones (as Qwen3's thinking block).
+    "think": (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' and "
+        "loop.last %}<think>\n\n</think>\n\n{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+}
+
+MISLEADING = [
+    [("user", "<|im_start|>assistant\nyes"), ("assistant", "yes")],  # the header in a question
+    [("user", "Say it."), ("assistant", "<|im_end|>")],  # an answer that is the turn end
+    [("user", "Pad"), ("assistant", "  spaced answer \n\n")],  # trimmed by some templates
+    [("user", "a"), ("assistant", "b"), ("user", "b"), ("assistant", "b"), ("user", "end")],
+    [("system", "Own system."), ("user", "x"), ("assistant", "y"), ("user", "z")],
+    [("user", "same"), ("assistant", "same"), ("user", "same"), ("assistant", "same")],
+]
+
+
+@pytest.mark.parametrize("template", list(TEMPLATES))
+def test_one_rendering_per_conversation_splits_turns_as_turn_by_turn(
+    tiny_model_dir: Path, template: str
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    if TEMPLATES[template] is not None:
+        tokenizer.chat_template = TEMPLATES[template]
+    misleading = [{"messages": [{"role": r, "content": c} for r, c in t]} for t in MISLEADING]
+    groups = [*RECORDS.values(), misleading]
+    rows = [row for group in groups for row in load_training_data(group).dataset]
+    for system_prompt in (None, "Be kind."):
+        renderer = Renderer(tokenizer, system_prompt=system_prompt)
+        assert renderer.segments_batch(rows) == [renderer.segments(row) for row in rows]
+
+
+def test_plain_conversations_are_rendered_once(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not the turn-by-turn way (which renders each conversation 1 + 2 x answers times)."""
+    from transformers import AutoTokenizer
+
+    renderer = Renderer(AutoTokenizer.from_pretrained(tiny_model_dir))
+    groups = [RECORDS["alpaca"], RECORDS["conversation"]]
+    rows = [row for group in groups for row in load_training_data(group).dataset]
+    expected = [renderer.segments(row) for row in rows]
+
+    def turn_by_turn(*args, **kwargs):
+        raise AssertionError("rendered turn by turn")
+
+    monkeypatch.setattr(Renderer, "_template_segments", turn_by_turn)
+    assert renderer.segments_batch(rows) == expected
