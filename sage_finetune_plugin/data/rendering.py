@@ -5,10 +5,10 @@ rendering the conversation up to that turn; tools and tool calls through the tem
 support, refused when it has none), else through the ``### Instruction:`` / ``### Input:`` /
 ``### Response:`` layout. For a batch, conversations are rendered once each in one call and
 their turns found by the template's assistant header and end-of-turn text, learned once from a
-probe; a conversation where that finds anything in doubt takes the turn-by-turn way. A default system prompt opens conversations that have none. Segments
-are tokenized separately, so a label boundary never falls inside a token; labels are -100
-(``IGNORE_INDEX``) on prompt tokens, every sample ends with EOS, and samples are truncated to
-``max_length``.
+probe; a conversation where that leaves anything in doubt takes the turn-by-turn way. A
+default system prompt opens conversations that have none. Segments are tokenized separately,
+so a label boundary never falls inside a token; labels are -100 (``IGNORE_INDEX``) on prompt
+tokens, every sample ends with EOS, and samples are truncated to ``max_length``.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class Renderer:
         self.chat_template = has_chat_template(tokenizer)
         self.template = "chat_template" if self.chat_template else "fallback"
         self._tool_support: bool | None = None
-        self._turn_markers: tuple[str, str] | None | bool = False  # False: not learned yet
+        self._turn_markers: tuple[str, str] | bool | None = False  # False: not learned yet
         self.eos = ""
         self.bos_ids: list[int] = []
         if tokenizer is not None:

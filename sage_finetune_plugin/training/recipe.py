@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +40,7 @@ from ..errors import (
 )
 from ..locks import RunLock
 from ..meta import TaskMeta, load_meta, meta_path, now_iso, save_meta
+from ..models import quiet_deprecations
 from ..paths import (
     ADAPTER_DIR,
     CANCEL_FILE,
@@ -152,10 +152,7 @@ class LoRATrainer:
                 raise
 
     def _run(self, resume: bool | str | os.PathLike[str], started: float) -> TrainResult:
-        with warnings.catch_warnings():
-            # transformers 5 renamed gradient -> activation checkpointing; peft still calls
-            # the old names. Nothing a user can act on.
-            warnings.filterwarnings("ignore", r".*removed in v6", FutureWarning)
+        with quiet_deprecations():
             return self._recipe(resume, started)
 
     def _recipe(self, resume: bool | str | os.PathLike[str], started: float) -> TrainResult:
