@@ -1,14 +1,16 @@
 """Data preparation throughput and padding waste.
 
-Generates alpaca records of varied length, prepares them with the tiny test model's tokenizer
-(ChatML template, prompt masking, cache under a temporary directory) and prints records/s for
-the first run (load + validate + render + tokenize + save) and the second, cached run. Then
-prints the share of padding tokens in batches of the prepared lengths: dynamic padding with
-transformers' LengthGroupedSampler (what `run` uses for batch > 1), dynamic padding in random
-order, padding every sample to max_length (what the original tool did), and packing
-(flattening: no padding at all).
+Generates alpaca records of varied length, prepares them with SmolLM2-135M-Instruct's tokenizer
+(the embedded model, resolved like any run does; ``--tiny`` takes the tiny test model's) with
+its chat template, prompt masking and the cache under a temporary directory, and prints
+records/s for the first run (load + validate + render + tokenize + statistics + save) and the
+second, cached run, with the processes and threads used. Then prints the share of padding
+tokens in batches of the prepared lengths: dynamic padding with transformers'
+LengthGroupedSampler (what `run` uses for batch > 1), dynamic padding in random order, padding
+every sample to max_length (what the original tool did), and packing (flattening: no padding
+at all).
 
-    .venv/bin/python benchmarks/prepare_data.py [RECORDS] [BATCH] [MAX_LENGTH]
+    .venv/bin/python benchmarks/prepare_data.py [RECORDS] [BATCH] [MAX_LENGTH] [--tiny]
 """
 
 from __future__ import annotations
@@ -48,21 +50,27 @@ def padding_share(batches: list[list[int]], width: int | None = None) -> float:
 
 
 def main() -> None:
-    count = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
-    batch = int(sys.argv[2]) if len(sys.argv) > 2 else 8
-    max_length = int(sys.argv[3]) if len(sys.argv) > 3 else 512
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    count = int(args[0]) if len(args) > 0 else 100_000
+    batch = int(args[1]) if len(args) > 1 else 8
+    max_length = int(args[2]) if len(args) > 2 else 512
 
     import torch
-    from transformers import AutoTokenizer
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
+    from sage_finetune_plugin.config import SMALL_MODEL
     from sage_finetune_plugin.data import prepare_dataset
+    from sage_finetune_plugin.models import load_tokenizer
 
     threads = torch.get_num_threads()
     load = os.getloadavg()[0]
-    print(f"records {count}, batch {batch}, max_length {max_length}")
-    print(f"cpus {os.cpu_count()}, torch threads {threads}, load average {load:.2f} at start")
-    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    model = str(TINY_MODEL) if "--tiny" in sys.argv else SMALL_MODEL
+    tokenizer = load_tokenizer(model)
+    print(f"records {count}, batch {batch}, max_length {max_length}, tokenizer {model}")
+    print(
+        f"cpus {os.cpu_count()}, torch threads {threads}, TOKENIZERS_PARALLELISM="
+        f"{os.environ.get('TOKENIZERS_PARALLELISM', 'unset')}, load average {load:.2f} at start"
+    )
     with tempfile.TemporaryDirectory() as work:
         data = Path(work) / "alpaca.jsonl"
         generate(data, count)

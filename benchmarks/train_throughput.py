@@ -1,26 +1,39 @@
-"""Training throughput: this package against TRL's SFTTrainer and the original SAGE design.
+"""Training throughput: this package against TRL's SFTTrainer at its best and the original
+SAGE design.
 
-The same data (generated alpaca records of varied length), model (SmolLM2-135M-Instruct via
-``resolve_model``) and hyperparameters (max_length 512, batch 4, 15 steps, LoRA r16/alpha 32
-on q/k/v/o with dropout 0.05, lr 2e-4 cosine, fp32, one torch thread) are trained by:
+The same data (generated alpaca records of varied length, all shorter than max_length), model
+(SmolLM2-135M-Instruct via ``resolve_model``) and hyperparameters (max_length 512, batch 4, 15
+steps, LoRA r16/alpha 32 on q/k/v/o with dropout 0.05, lr 2e-4 cosine, one torch thread) are
+trained by:
 
-  ours      sage_finetune_plugin.LoRATrainer (chat template, prompt masking,
-            dynamic padding, length-grouped batches)
-  ours_random  the same in random order, like the peers: length grouping starts with the
-            longest samples, so over a few steps it trains on other samples than the peers;
-            this row compares like with like (same seed, same samples as trl and original)
-  trl       trl.SFTTrainer with a peft LoraConfig (prompt-completion data, completion-only loss)
-  original  the original SAGE design: transformers.Trainer, every sample padded to
-            max_length, loss on every token, DataCollatorForLanguageModeling
+  ours          sage_finetune_plugin.LoRATrainer as a user gets it: precision from the runtime
+                policy, chat template, prompt masking, the loss on answer tokens only,
+                dynamic padding and length-grouped batches (with --packing: packed batches)
+  ours_random   the same in random order (what the TRL default and the original design do)
+  trl           trl.SFTTrainer with a peft LoraConfig, its defaults: fp32, random order,
+                padded batches (prompt-completion data, completion-only loss)
+  trl_grouped   TRL at its best, length-grouped: train_sampling_strategy="group_by_length"
+  trl_padfree   TRL at its best, padding-free: each batch flattened into one row
+  trl_packed    TRL at its best, packed: packing=True (best-fit decreasing into max_length rows)
+  trl_bf16      trl_grouped (with --packing: trl_padfree) in bf16 mixed precision, whether or
+                not the CPU is fast at it, to show what bf16 does on this machine
+  original      the original SAGE design: transformers.Trainer, every sample padded to
+                max_length, loss on every token, DataCollatorForLanguageModeling
 
-Each runs in its own subprocess, one after the other. Printed side by side: trained
-(non-padding) tokens per second over the training loop, the share of padding in the batches,
-the final loss (last logged step; the losses are not comparable across runners, as the
-original design also trains on prompts) and the peak RSS of the process.
+The TRL rows other than ``trl`` and ``trl_bf16`` use the precision ``--peer-precision`` says
+(``auto``: bf16 where this package's runtime policy trains in bf16 on this CPU, else fp32).
+"TRL at its best" is the fastest of those rows. Each runner trains in its own subprocess, one
+after the other. Printed side by side: trained (non-padding) tokens per second over the
+training loop and relative to TRL at its best, the model FLOPs rate (4 x N FLOPs per token, N
+= base parameters: forward plus backward to the activations) and its share of the CPU's peak
+for the precision used, the share of padding, the last logged loss and the mean of all logged
+losses (not comparable with the original design, which also trains on prompts), and the peak
+RSS of the process.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 15] [--only ours trl]
+    .venv/bin/python benchmarks/train_throughput.py [--steps 15] [--only ours trl_grouped]
+    .venv/bin/python benchmarks/train_throughput.py --packing
 
-Needs ``pip install trl`` for the TRL column (skipped with a note when missing).
+Needs ``pip install trl`` for the TRL rows (skipped with a note when missing).
 """
 
 from __future__ import annotations
@@ -37,7 +50,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-RUNNERS = ("ours", "ours_random", "trl", "original")
+RUNNERS = (
+    "ours",
+    "ours_random",
+    "trl",
+    "trl_grouped",
+    "trl_padfree",
+    "trl_packed",
+    "trl_bf16",
+    "original",
+)
+DEFAULT_RUNNERS = ("ours", "trl", "trl_grouped", "trl_padfree", "trl_bf16", "original")
+PACKING_RUNNERS = ("ours", "trl_padfree", "trl_packed", "trl_bf16")
+#: TRL's batch layouts as SFTConfig values.
+TRL_LAYOUTS = {
+    "random": {"train_sampling_strategy": "random"},
+    "grouped": {"train_sampling_strategy": "group_by_length"},
+    "padfree": {"train_sampling_strategy": "random", "padding_free": True},
+    "packed": {"train_sampling_strategy": "random", "packing": True},
+}
+#: Runners that are TRL at its best (its best layouts in the peer precision).
+TRL_BEST = ("trl_grouped", "trl_padfree", "trl_packed")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 #: TrainingArguments that turn length grouping off (before and after transformers 5).
 RANDOM_ORDER = {"group_by_length": False, "train_sampling_strategy": "random"}
@@ -55,7 +88,8 @@ WORDS = [
 
 
 def make_records(count: int, seed: int = 0) -> list[dict[str, str]]:
-    """Alpaca records of varied length (tens to several hundred tokens), like real data."""
+    """Alpaca records of varied length (tens to about 450 tokens with SmolLM2's template, so
+    that no runner truncates), like real data."""
     rng = random.Random(seed)
     records = []
     for i in range(count):
@@ -71,7 +105,7 @@ def make_records(count: int, seed: int = 0) -> list[dict[str, str]]:
                 "output": " ".join(map(str, sorted(numbers))),
             }
         elif kind == 2:
-            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 160)))
+            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 110)))
             record = {
                 "instruction": "Rewrite the text in upper case.",
                 "input": text,
@@ -113,14 +147,18 @@ class CountingCollator:
 
 
 def meter_callback() -> Any:
-    """A TrainerCallback timing the training loop and keeping the last logged loss."""
+    """A TrainerCallback timing the training loop and keeping the logged losses."""
     from transformers import TrainerCallback
 
     class Meter(TrainerCallback):
         started = ended = 0.0
-        loss: float | None = None
+
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+            self.precision = "float32"
 
         def on_train_begin(self, args, state, control, **kwargs):
+            self.precision = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
             self.started = time.perf_counter()
 
         def on_train_end(self, args, state, control, **kwargs):
@@ -128,9 +166,38 @@ def meter_callback() -> Any:
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
-                self.loss = float(logs["loss"])
+                self.losses.append(float(logs["loss"]))
 
     return Meter()
+
+
+def cpu_peak_gflops(threads: int, precision: str) -> tuple[float, str]:
+    """The CPU's peak for ``precision`` on ``threads`` cores, and how it was derived: cores x
+    clock (from /proc/cpuinfo: the nominal clock, turbo unknown) x FLOPs per cycle per core
+    (x86: two 512-bit FMA units, 2 x 16 x 2 = 64 fp32 FLOPs; bf16 with AMX tiles 1024 (16 x 32
+    x 16 multiply-adds per 16 cycles), with AVX512-BF16 alone 128 (VDPBF16PS: 2 x 32 x 2);
+    one 256-bit FMA pair (AVX2) 32 fp32 FLOPs)."""
+    flags: set[str] = set()
+    mhz = 0.0
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "flags" and not flags:
+                flags = set(value.split())
+            elif key == "cpu MHz" and not mhz:
+                mhz = float(value)
+    ghz = mhz / 1000
+    if precision == "bfloat16" and "amx_bf16" in flags:
+        per_cycle, how = 1024, "AMX-BF16"
+    elif precision == "bfloat16" and "avx512_bf16" in flags:
+        per_cycle, how = 128, "AVX512-BF16 (VDPBF16PS)"
+    elif "avx512f" in flags:
+        per_cycle, how = 64, "AVX-512 fp32 FMA x2"
+    else:
+        per_cycle, how = 32, "AVX2 fp32 FMA x2"
+    peak = threads * ghz * per_cycle
+    return peak, f"{threads} core(s) x {ghz:.2f} GHz x {per_cycle} FLOPs/cycle ({how})"
 
 
 def common_arguments(args: argparse.Namespace, output_dir: str) -> dict[str, Any]:
@@ -163,7 +230,18 @@ def lora_config() -> Any:
     )
 
 
-# --- the three runners (each returns its transformers Trainer after training) ---------------
+def peer_bf16(args: argparse.Namespace) -> bool:
+    """Whether the TRL-at-its-best rows train in bf16: as this package's runtime policy decides
+    for this CPU (``auto``), or as ``--peer-precision`` says."""
+    if args.peer_precision != "auto":
+        return args.peer_precision == "bf16"
+    from sage_finetune_plugin.config import TrainingConfig
+    from sage_finetune_plugin.training.runtime import resolve_runtime
+
+    return resolve_runtime(TrainingConfig()).bf16
+
+
+# --- the runners (each returns its transformers Trainer after training) ----------------------
 
 
 def run_ours(args: argparse.Namespace, workdir: Path, meter: Any, *, grouped: bool = True) -> Any:
@@ -189,14 +267,13 @@ def run_ours(args: argparse.Namespace, workdir: Path, meter: Any, *, grouped: bo
         data_path=str(args.data),
         output_dir=str(workdir / "task"),
         max_length=args.max_length,
+        packing=args.packing,
         per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=1,
         max_steps=args.steps,
         learning_rate=args.lr,
         lr_scheduler_type="cosine",
         warmup_ratio=0.0,
-        fp16=False,
-        bf16=False,
         gradient_checkpointing=args.gradient_checkpointing,
         logging_steps=1,
         save_steps=10 * args.steps,
@@ -209,7 +286,7 @@ def run_ours(args: argparse.Namespace, workdir: Path, meter: Any, *, grouped: bo
     return runner.trainer
 
 
-def run_trl(args: argparse.Namespace, workdir: Path, meter: Any) -> Any:
+def run_trl(args: argparse.Namespace, workdir: Path, meter: Any, *, layout: str, bf16: bool) -> Any:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -224,12 +301,16 @@ def run_trl(args: argparse.Namespace, workdir: Path, meter: Any) -> Any:
     ]
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32)
+    settings = dict(TRL_LAYOUTS[layout])
+    # Padding-free batches without packing are not truncated (TRL refuses a max_length then):
+    # every generated sample is shorter than max_length, so nothing changes.
+    unpacked_padding_free = settings.get("padding_free") and not settings.get("packing")
     trainer = SFTTrainer(
         model=model,
         args=SFTConfig(
-            **common_arguments(args, str(workdir / "trl")),
-            max_length=args.max_length,
-            packing=False,
+            **{**common_arguments(args, str(workdir / "trl")), "bf16": bf16},
+            max_length=None if unpacked_padding_free else args.max_length,
+            **settings,
         ),
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
@@ -289,6 +370,21 @@ def _prompt(record: dict[str, str]) -> str:
     )
 
 
+def runner_function(name: str, args: argparse.Namespace) -> Any:
+    if name == "ours":
+        return run_ours
+    if name == "ours_random":
+        return functools.partial(run_ours, grouped=False)
+    if name == "original":
+        return run_original
+    if name == "trl":
+        return functools.partial(run_trl, layout="random", bf16=False)
+    if name == "trl_bf16":
+        layout = "padfree" if args.packing else "grouped"
+        return functools.partial(run_trl, layout=layout, bf16=True)
+    return functools.partial(run_trl, layout=name.removeprefix("trl_"), bf16=peer_bf16(args))
+
+
 # --- worker and driver -------------------------------------------------------------------------
 
 
@@ -299,12 +395,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     meter = meter_callback()
-    run = {
-        "ours": run_ours,
-        "ours_random": functools.partial(run_ours, grouped=False),
-        "trl": run_trl,
-        "original": run_original,
-    }[args.worker]
+    run = runner_function(args.worker, args)
     with tempfile.TemporaryDirectory(prefix=f"bench-{args.worker}-") as workdir:
         trainer = run(args, Path(workdir), meter)
     # The data loader may build one batch ahead of the last step: count the trained ones.
@@ -312,6 +403,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     tokens = sum(real for real, _ in batches)
     padded = sum(total for _, total in batches)
     seconds = meter.ended - meter.started
+    parameters = sum(
+        p.numel() for name, p in trainer.model.named_parameters() if "lora_" not in name
+    )
     return {
         "runner": args.worker,
         "steps": trainer.state.global_step,
@@ -320,7 +414,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": round(seconds, 2),
         "tokens_per_second": round(tokens / seconds, 2),
         "padding_share": round(1 - tokens / padded, 4) if padded else 0.0,
-        "final_loss": meter.loss,
+        "final_loss": meter.losses[-1] if meter.losses else None,
+        "mean_loss": sum(meter.losses) / len(meter.losses) if meter.losses else None,
+        "precision": meter.precision,
+        "base_parameters": parameters,
         "peak_rss_bytes": proc_status_kib("VmHWM") * 1024,
         "start_rss_bytes": start_rss * 1024,
         "threads": torch.get_num_threads(),
@@ -361,34 +458,53 @@ def _shared_options(args: argparse.Namespace) -> list[str]:
         str(args.lr),
         "--threads",
         str(args.threads),
+        "--peer-precision",
+        args.peer_precision,
     ]
+    if args.packing:
+        options.append("--packing")
     return [*options, "--gradient-checkpointing"] if args.gradient_checkpointing else options
 
 
 def table(results: list[dict[str, Any]]) -> list[str]:
-    """The side-by-side table (speed relative to TRL when TRL ran)."""
-    trl = next((r for r in results if r.get("runner") == "trl" and "error" not in r), None)
+    """The side-by-side table (speed relative to the fastest TRL-at-its-best row)."""
+    done = [r for r in results if "error" not in r]
+    best = max(
+        (r for r in done if r["runner"] in TRL_BEST),
+        key=lambda r: r["tokens_per_second"],
+        default=None,
+    )
     lines = [
-        f"{'runner':<12} {'tokens/s':>9} {'vs TRL':>7} {'padding':>8} {'final loss':>11} "
-        f"{'peak RSS':>10} {'train s':>8} {'tokens':>8}"
+        f"{'runner':<12} {'precision':>9} {'tokens/s':>9} {'vs best':>8} {'GFLOP/s':>8} "
+        f"{'of peak':>8} {'padding':>8} {'final loss':>11} {'mean loss':>10} {'peak RSS':>10} "
+        f"{'train s':>8} {'tokens':>7}"
     ]
     for r in results:
         if "error" in r:
             lines.append(f"{r['runner']:<12} failed: {r['error']}")
             continue
-        ratio = f"{r['tokens_per_second'] / trl['tokens_per_second']:.2f}x" if trl else "-"
-        loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
+        ratio = f"{r['tokens_per_second'] / best['tokens_per_second']:.2f}x" if best else "-"
+        gflops = 4 * r["base_parameters"] * r["tokens_per_second"] / 1e9
+        peak, _ = cpu_peak_gflops(r["threads"], r["precision"])
+        final = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
+        mean = f"{r['mean_loss']:.4f}" if r["mean_loss"] is not None else "-"
         lines.append(
-            f"{r['runner']:<12} {r['tokens_per_second']:>9.1f} {ratio:>7} "
-            f"{r['padding_share']:>8.1%} {loss:>11} {r['peak_rss_bytes'] / 2**30:>6.2f} GiB "
-            f"{r['seconds']:>8.1f} {r['tokens']:>8}"
+            f"{r['runner']:<12} {r['precision'][:9]:>9} {r['tokens_per_second']:>9.1f} "
+            f"{ratio:>8} {gflops:>8.1f} {gflops / peak:>8.1%} {r['padding_share']:>8.1%} "
+            f"{final:>11} {mean:>10} {r['peak_rss_bytes'] / 2**30:>6.2f} GiB "
+            f"{r['seconds']:>8.1f} {r['tokens']:>7}"
         )
+    if best:
+        lines.append(f"TRL at its best: {best['runner']} ({best['precision']})")
+    for precision in sorted({r["precision"] for r in done}):
+        peak, how = cpu_peak_gflops(done[0]["threads"], precision)
+        lines.append(f"peak {precision}: {peak:.0f} GFLOP/s = {how}")
     return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", nargs="+", choices=RUNNERS, default=list(RUNNERS))
+    parser.add_argument("--only", nargs="+", choices=RUNNERS)
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
     parser.add_argument("--records", type=int, default=400)
     parser.add_argument("--steps", type=int, default=15)
@@ -397,11 +513,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--packing", action="store_true", help="packed batches for ours, TRL's packing layouts"
+    )
+    parser.add_argument(
+        "--peer-precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="precision of the TRL-at-its-best rows (auto: as this package's policy decides)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--worker", choices=RUNNERS, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model-path", type=Path, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.only is None:
+        args.only = list(PACKING_RUNNERS if args.packing else DEFAULT_RUNNERS)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -412,15 +540,16 @@ def main(argv: list[str] | None = None) -> int:
     from sage_finetune_plugin.models import resolve_model
 
     model_path = resolve_model(args.model)  # converted once, outside the measured runs
-    runners = [name for name in args.only if name != "trl" or _has_trl()]
-    if "trl" in args.only and "trl" not in runners:
-        print("note: trl is not installed (pip install trl): its column is skipped")
+    runners = [name for name in args.only if not name.startswith("trl") or _has_trl()]
+    if len(runners) < len(args.only):
+        print("note: trl is not installed (pip install trl): its rows are skipped")
     print(
         f"{args.model}: {args.records} alpaca records, max_length {args.max_length}, "
-        f"batch {args.batch}, {args.steps} steps, LoRA r16/32 on q/k/v/o, lr {args.lr:g}, "
-        f"{args.threads} torch thread(s), gradient checkpointing "
-        f"{'on' if args.gradient_checkpointing else 'off'}, load average "
-        f"{os.getloadavg()[0]:.2f} at start"
+        f"batch {args.batch}{' packed' if args.packing else ''}, {args.steps} steps, LoRA "
+        f"r16/32 on q/k/v/o, lr {args.lr:g}, {args.threads} torch thread(s), gradient "
+        f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, TRL-at-its-best "
+        f"precision {'bf16' if peer_bf16(args) else 'fp32'} ({args.peer_precision}), load "
+        f"average {os.getloadavg()[0]:.2f} at start"
     )
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
@@ -429,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
             "".join(json.dumps(r) + "\n" for r in make_records(args.records)), encoding="utf-8"
         )
         for name in runners:
-            print(f"running {name} ...", flush=True)
+            print(f"running {name} ... (load average {os.getloadavg()[0]:.2f})", flush=True)
             results.append(run_worker(name, args, data, model_path))
     print(f"load average {os.getloadavg()[0]:.2f} at end")
     print("\n".join(table(results)))

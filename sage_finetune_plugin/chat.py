@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelError, TaskError, UsageProblem, first_line
-from .models import load_adapter_tokenizer, load_tokenizer, resolve_model
+from .models import load_adapter_tokenizer, load_tokenizer, quiet_deprecations, resolve_model
 from .task import Task
 from .templates import ensure_chat_template, stop_token_ids
 from .training.runtime import Hardware, Runtime, inference_runtime
@@ -118,7 +118,8 @@ def _with_adapter(model: Any, adapter: Path) -> Any:
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
+        with quiet_deprecations():
+            return PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"Cannot apply the adapter in {adapter}: {first_line(exc)}") from None
 

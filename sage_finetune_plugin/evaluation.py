@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from .config import TrainingConfig
 from .deps import require
 from .errors import DataError, EvaluationInterrupted, TaskError, UsageProblem
+from .models import quiet_deprecations
 from .paths import EVAL_DIR, atomic_directory
 from .scoring.inference import Answer
 from .scoring.report import EvalReport, markdown, metric_rows, model_metrics, score_answers
@@ -131,10 +131,7 @@ def _interruptible(task: Task) -> Iterator[None]:
     """Ctrl-C becomes EvaluationInterrupted (nothing is written before the end); peft's
     deprecation noise is hidden."""
     try:
-        with warnings.catch_warnings():
-            # transformers 5 renamed gradient -> activation checkpointing; peft still calls
-            # the old names. Nothing a user can act on.
-            warnings.filterwarnings("ignore", r".*removed in v6", FutureWarning)
+        with quiet_deprecations():
             yield
     except KeyboardInterrupt:
         raise EvaluationInterrupted(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MergeError, ModelError, first_line
+from .models import quiet_deprecations
 from .paths import MERGED_DIR, atomic_directory
 from .task import Task
 from .templates import stop_token_ids
@@ -211,7 +212,8 @@ def _apply_adapter(model: Any, adapter_dir: Path, base_name: str) -> Any:
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(model, adapter_dir).eval()
+        with quiet_deprecations():
+            return PeftModel.from_pretrained(model, adapter_dir).eval()
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise MergeError(
             f"The adapter at {adapter_dir} does not load onto {base_name}: {first_line(exc)}"

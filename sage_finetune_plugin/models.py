@@ -14,9 +14,12 @@ The embedded default, ``HuggingFaceTB/SmolLM2-135M-Instruct``, ships as a GGUF f
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -343,3 +346,12 @@ def _check_remote_code(folder: Path, name: str, trust_remote_code: bool) -> None
             f"{config.get('model_type')!r} unknown to transformers): pass --trust-remote-code "
             "(trust_remote_code=True) only if you trust its author."
         )
+
+
+@contextlib.contextmanager
+def quiet_deprecations() -> Iterator[None]:
+    """Hide the FutureWarnings transformers 5 raises when peft calls the old names of
+    gradient (now activation) checkpointing: nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r".*removed in v6", FutureWarning)
+        yield

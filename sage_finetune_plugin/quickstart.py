@@ -137,6 +137,7 @@ def quickstart(
     code = build_code_dataset(source or ".") if task_type == "code" else None
     if code is not None:
         loaded = load_training_data(code.records, "alpaca")
+        loaded.warnings.clear()  # "{{...}}" in source code is code (f-strings), not a placeholder
     else:
         assert data is not None
         loaded = _load(task_type, data, data_format, skip_invalid, columns, placeholders)

@@ -9,7 +9,7 @@ import pytest
 from sage_finetune_plugin.config import ALL_LINEAR, SMALL_MODEL, LoRAConfig, TrainingConfig
 from sage_finetune_plugin.errors import ConfigError
 from sage_finetune_plugin.presets import PresetConfigs, choose_preset
-from sage_finetune_plugin.training.runtime import Hardware
+from sage_finetune_plugin.training.runtime import Hardware, resolve_runtime
 
 
 def test_original_defaults():
@@ -208,7 +208,8 @@ def test_minimal_uses_double_quant_nf4_and_a100_bf16():
 def test_cpu_preset_runs_anywhere():
     cpu = PresetConfigs.cpu()
     assert not cpu.load_in_4bit and not cpu.load_in_8bit
-    assert cpu.fp16 is False and cpu.bf16 is False
+    assert cpu.fp16 is False and cpu.bf16 is None  # bf16 where the CPU is fast at it
+    assert not resolve_runtime(cpu, Hardware()).bf16
     assert cpu.model_name == SMALL_MODEL
     assert cpu.max_length <= 512
     assert "8bit" not in cpu.optim

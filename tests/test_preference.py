@@ -403,7 +403,9 @@ def test_memory_estimate_counts_pairs_and_reference_passes(tiny_model_dir: Path)
     kto = estimate_memory(base.replace(method="kto"), device="cpu")
 
     assert dpo.batch_size == orpo.batch_size == 8 and kto.batch_size == sft.batch_size == 4
-    assert dpo.activations > 1.9 * sft.activations and orpo.logits == 2 * sft.logits
+    assert dpo.activations > 1.9 * sft.activations
+    # Both sequences' full logits (TRL) against one chunk of answer logits (training/loss.py).
+    assert orpo.logits > 2 * sft.logits
     assert sft.reference == orpo.reference == 0 < dpo.reference
     with_dropout = base.replace(method="dpo", lora={"lora_dropout": 0.1})
     assert estimate_memory(with_dropout, device="cpu").total == dpo.total

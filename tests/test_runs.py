@@ -17,7 +17,7 @@ from sage_finetune_plugin.config import TrainingConfig, parse_setting
 from sage_finetune_plugin.errors import ConfigError, TrainingError
 from sage_finetune_plugin.meta import load_meta, update_meta
 from sage_finetune_plugin.runs import RunOptions, plan_run, train_from_meta
-from sage_finetune_plugin.training.runtime import Hardware
+from sage_finetune_plugin.training.runtime import Hardware, resolve_runtime
 
 
 def invoke(*args: str):
@@ -75,7 +75,8 @@ def test_dry_run_prints_the_plan(prepared_task: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "Would refuse: Training of" in result.output
     assert "Launch: " in result.output and "--nproc-per-node=2" in result.output
-    assert "Device: cpu, precision float32" in result.output
+    precision = resolve_runtime(TrainingConfig()).dtype_name  # fp32 unless the CPU has AMX
+    assert f"Device: cpu, precision {precision} (the CPU has" in result.output
 
 
 def test_set_takes_any_key_typed_by_its_field(prepared_task: Path) -> None:

@@ -259,8 +259,10 @@ def _print_plan(plan: RunPlan) -> None:
         f" (configured {config.optim})" if runtime.optim != config.optim else ""
     )
     quantized = f", {runtime.quantization} quantized" if runtime.quantization else ""
+    why = f" ({runtime.precision_reason})" if runtime.precision_reason else ""
     click.echo(
-        f"Device: {runtime.device}, precision {runtime.dtype_name}{quantized}, optimizer {optim}"
+        f"Device: {runtime.device}, precision {runtime.dtype_name}{why}{quantized}, "
+        f"optimizer {optim}"
     )
     for note in runtime.notes:
         click.echo(f"  note: {note}")

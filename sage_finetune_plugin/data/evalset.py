@@ -83,8 +83,7 @@ def _prompt_ids(renderer: Renderer, row: Mapping[str, Any]) -> list[int]:
     ids = list(renderer.bos_ids)
     texts = [text for text, _ in segments[:last]]
     if texts:
-        assert renderer.tokenizer is not None
-        for tokens in renderer.tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        for tokens in renderer.token_ids(texts):
             ids += tokens
     return ids
 

@@ -43,6 +43,11 @@ PIPELINE_VERSION = 2
 PROGRESS_MIN_ROWS = 10_000
 
 
+#: From this many rows on, rendering and tokenizing run in one process per core (two at
+#: most; below it, starting the processes costs more than it saves).
+PARALLEL_MIN_ROWS = 20_000
+MAX_PROCESSES = 2
+
 #: Prepared datasets kept per cache directory (the most recently written ones).
 CACHE_ENTRIES_KEPT = 3
 
@@ -298,10 +303,12 @@ def _tokenize(
             "full_length": Value("int32"),
         }
     )
+    processes = min(MAX_PROCESSES, os.cpu_count() or 1, len(loaded))
     return loaded.dataset.map(
         renderer.tokenize_batch,
         batched=True,
         batch_size=1000,
+        num_proc=processes if len(loaded) >= PARALLEL_MIN_ROWS and processes > 1 else None,
         fn_kwargs={"keep_empty": keep_empty},
         remove_columns=loaded.dataset.column_names,
         features=features,
@@ -318,16 +325,18 @@ def _statistics(
     record; ``loaded`` gives the record counts)."""
     import numpy as np
 
-    columns = tokenized.with_format("numpy", columns=["length", "trainable", "full_length"])
-    full_lengths = np.asarray(columns["full_length"], dtype=np.int64)
-    trainable = np.asarray(columns["trainable"], dtype=np.int64)
+    table = tokenized.data  # the Arrow columns, read at once (not row by row)
+    full_lengths, trainable, all_lengths = (
+        table.column(name).to_numpy().astype(np.int64)
+        for name in ("full_length", "trainable", "length")
+    )
     kept = trainable > 0
     if not kept.any():
         raise DataError(
             f"{loaded.source}: every sample lost all its answer tokens to truncation at "
             f"max_length={options.max_length}; raise max_length or shorten the prompts."
         )
-    lengths = np.asarray(columns["length"], dtype=np.int64)[kept]
+    lengths = all_lengths[kept]
     p50, p90, p99 = (int(np.percentile(lengths, q)) for q in (50, 90, 99))
     warnings = list(loaded.warnings)
     too_long = int((full_lengths > options.max_length).sum())

@@ -52,6 +52,11 @@ def fsdp_enabled() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
 
 
+def deepspeed_enabled() -> bool:
+    """Whether ``accelerate launch`` started this process with a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+
+
 def launched() -> bool:
     """Whether this process was started by ``launch`` (which holds the run lock)."""
     return os.environ.get(LAUNCHED_ENV) == "1"

@@ -20,8 +20,11 @@ CPU; see tests/test_memory.py):
   head when a padding mask is passed, plus the mask itself), the gated MLP (3 x intermediate),
   and for each LoRA layer its dropout mask and output and its rank-sized hidden state. With
   gradient checkpointing only each layer's input is kept, plus one layer being recomputed.
-- logits: the log-softmax saved by the loss, its gradient and the gradient of the logits,
-  each batch x sequence x vocabulary in fp32 (plus the half-precision logits on a GPU).
+- logits: supervised runs of the model types training/loss.py supports compute the loss on
+  answer tokens in chunks: one chunk of logits (fp32, plus its half-precision copy) and the
+  gradient of the hidden states; a right-padded batch then runs without its attention mask.
+  Other models keep the log-softmax saved by the loss, its gradient and the gradient of the
+  logits, each batch x sequence x vocabulary in fp32 (plus the half-precision logits).
 - overhead: on a GPU the CUDA context and allocator slack; on the CPU the resident size of
   Python with torch, transformers, peft and datasets loaded, plus the freed activation memory
   that glibc's malloc keeps resident (measured: half of a step's activations).
@@ -64,9 +67,9 @@ DEFAULT_MARGIN = 0.1
 #: training the tiny test model).
 CPU_BASELINE = 560 * MIB
 #: Share of a step's activation memory (as if nothing were checkpointed) that glibc's malloc
-#: keeps resident after it is freed, measured on SmolLM2-135M over batch 1-4 x 128-512 tokens,
-#: with and without gradient checkpointing.
-CPU_ALLOCATOR_RETENTION = 0.5
+#: keeps resident after it is freed, measured on SmolLM2-135M with the answer-token loss
+#: (packed 1 x 1024 and padded 4 x 256 tokens, with and without gradient checkpointing).
+CPU_ALLOCATOR_RETENTION = 0.9
 #: CUDA context, cuBLAS workspaces and kernels loaded on the GPU, outside torch's allocator.
 CUDA_CONTEXT = 700 * MIB
 #: Caching-allocator slack on the GPU, as a share of the memory allocated per step.
@@ -201,7 +204,8 @@ def estimate_memory(
         hardware = Hardware.assumed(device)
     runtime = resolve_runtime(config, hardware)
     arch = _Architecture.of(model_config, config.trust_remote_code)
-    setting = _Setting.of(config, runtime, seq_len)
+    answer_loss = config.method == "sft" and _answer_loss(model_config)
+    setting = _Setting.of(config, runtime, seq_len, answer_loss=answer_loss)
     lora = arch.lora_layers(config.lora.target_modules)
     trainable = sum(config.lora.r * (layer.in_features + layer.out_features) for layer in lora)
     dropout = config.lora.lora_dropout if config.method == "sft" else 0.0  # TRL disables it
@@ -210,8 +214,10 @@ def estimate_memory(
         lora, setting, config.lora.r, dropout
     ) / max(arch.layers, 1)
     activations = _activations(arch, setting, layer, config)
-    fused = config.method in REFERENCE_METHODS  # TRL's DPO and KTO score through a fused head
-    logits = _logits(arch, setting, fused=fused)
+    if answer_loss:
+        logits = _answer_loss_logits(arch, setting)
+    else:  # TRL's DPO and KTO score through a fused head
+        logits = _logits(arch, setting, fused=config.method in REFERENCE_METHODS)
     reference = _reference(arch, setting, layer, config, trainable)
     return MemoryEstimate(
         model_name=config.model_name,
@@ -385,13 +391,22 @@ class _Setting:
     padded: bool  # batches carry a padding mask (dynamic padding of several samples)
 
     @classmethod
-    def of(cls, config: TrainingConfig, runtime: Runtime, seq_len: int | None) -> _Setting:
+    def of(
+        cls,
+        config: TrainingConfig,
+        runtime: Runtime,
+        seq_len: int | None,
+        *,
+        answer_loss: bool = False,
+    ) -> _Setting:
         length = min(seq_len or config.max_length, config.max_length)
         batch = config.per_device_train_batch_size * SEQUENCES_PER_SAMPLE.get(config.method, 1)
         device, precision = runtime.device, runtime.dtype_name
         if config.packing:  # the collator packs a batch into one row
-            return cls(device, precision, 1, batch * length, True)
-        return cls(device, precision, batch, length, batch > 1)
+            # Attention within each sample (training/attention.py): no mask of the row.
+            return cls(device, precision, 1, batch * length, not answer_loss)
+        # The answer-token loss runs right-padded batches without their mask.
+        return cls(device, precision, batch, length, batch > 1 and not answer_loss)
 
     @property
     def tokens(self) -> int:
@@ -490,6 +505,25 @@ def _dequantization_workspace(
     if config.quantization is None or not arch.linears:
         return 0
     return max(layer.in_features * layer.out_features for layer in arch.linears) * setting.element
+
+
+def _answer_loss(model_config: PretrainedConfig) -> bool:
+    """Whether training/loss.py computes the loss of this model (its supported types)."""
+    from .distributed import deepspeed_enabled, fsdp_enabled
+    from .loss import SUPPORTED_MODEL_TYPES
+
+    supported = getattr(model_config, "model_type", None) in SUPPORTED_MODEL_TYPES
+    return supported and not (fsdp_enabled() or deepspeed_enabled())
+
+
+def _answer_loss_logits(arch: _Architecture, setting: _Setting) -> int:
+    """One chunk of logits in fp32 (and its half-precision twin and copy of the gradient),
+    and the gradient of the scored hidden states."""
+    from .loss import CHUNK_ELEMENTS
+
+    rows = min(setting.tokens, max(1, CHUNK_ELEMENTS // arch.vocab))
+    half = 0 if setting.precision == "float32" else 2 * setting.element
+    return rows * arch.vocab * (4 + half) + setting.tokens * arch.hidden * 2 * 4
 
 
 def _logits(arch: _Architecture, setting: _Setting, *, fused: bool = False) -> int:

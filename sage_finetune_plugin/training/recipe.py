@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +40,7 @@ from ..errors import (
 )
 from ..locks import RunLock
 from ..meta import TaskMeta, load_meta, meta_path, now_iso, save_meta
+from ..models import quiet_deprecations
 from ..paths import (
     ADAPTER_DIR,
     CANCEL_FILE,
@@ -152,10 +152,7 @@ class LoRATrainer:
                 raise
 
     def _run(self, resume: bool | str | os.PathLike[str], started: float) -> TrainResult:
-        with warnings.catch_warnings():
-            # transformers 5 renamed gradient -> activation checkpointing; peft still calls
-            # the old names. Nothing a user can act on.
-            warnings.filterwarnings("ignore", r".*removed in v6", FutureWarning)
+        with quiet_deprecations():
             return self._recipe(resume, started)
 
     def _recipe(self, resume: bool | str | os.PathLike[str], started: float) -> TrainResult:
@@ -326,12 +323,26 @@ class LoRATrainer:
 
     def build_trainer(self, model: Any, data: PreparedDataset) -> Trainer:
         """A ``transformers.Trainer`` with this plugin's progress reports, TensorBoard logs in
-        ``<task>/logs`` and the Ctrl-C / cancel handler."""
+        ``<task>/logs`` and the Ctrl-C / cancel handler. The loss is computed on answer tokens
+        only, without full logits (training/loss.py): by Liger's fused kernel on CUDA when
+        ``liger-kernel`` is installed, else by this package's chunked loss where the model
+        allows it, else by the model itself. Packed batches attend within each sample
+        (training/attention.py) where the model runs sdpa."""
         from transformers import Trainer
 
-        trainer = Trainer(
+        from .attention import install_segment_attention
+        from .loss import AnswerLossTrainer, install_answer_loss, liger_available
+
+        if getattr(data, "packing", False):
+            install_segment_attention(model)
+        trainer_class, extra = Trainer, {}
+        if self._runtime().device == "cuda" and liger_available():
+            extra["use_liger_kernel"] = True
+        elif install_answer_loss(model):
+            trainer_class = AnswerLossTrainer
+        trainer = trainer_class(
             model=model,
-            args=self.training_arguments(data),
+            args=self.training_arguments(data, **extra),
             train_dataset=data.train,
             eval_dataset=getattr(data, "eval", None),
             data_collator=data.collator,

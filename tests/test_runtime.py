@@ -1,0 +1,89 @@
+"""Precision from the hardware on the CPU: bf16 mixed precision where bf16 is fast (AMX), fp32
+elsewhere, the config's word first; the plan, the dry run and the memory estimate follow; a real
+short bf16 run on the tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sage_finetune_plugin.config import TrainingConfig
+from sage_finetune_plugin.errors import ConfigError
+from sage_finetune_plugin.presets import PresetConfigs
+from sage_finetune_plugin.runs import RunOptions, plan_run
+from sage_finetune_plugin.task import Task
+from sage_finetune_plugin.training.memory import estimate_memory
+from sage_finetune_plugin.training.runtime import Hardware, resolve_runtime
+
+from conftest import tiny_config, write_data
+
+AMX = Hardware(cpu_bf16=True, cpu_bf16_isa="AMX")
+AVX512_BF16 = Hardware(cpu_bf16_isa="AVX512-BF16")
+ARM_BF16 = Hardware(cpu_bf16_isa="Arm BF16")
+
+
+def test_bf16_by_default_where_the_cpu_is_fast_at_it() -> None:
+    for config in (TrainingConfig(), PresetConfigs.cpu()):  # the cpu preset leaves it unset
+        runtime = resolve_runtime(config, AMX)
+        assert (runtime.device, runtime.bf16, runtime.fp16) == ("cpu", True, False)
+        assert runtime.dtype_name == "bfloat16" and "AMX" in runtime.precision_reason
+    off = resolve_runtime(TrainingConfig(bf16=False), AMX)
+    assert not off.bf16 and off.precision_reason == "bf16 off in the config"
+    with pytest.raises(ConfigError, match="fp16 mixed precision needs a CUDA GPU"):
+        resolve_runtime(TrainingConfig(fp16=True), AMX)
+
+
+def test_fp32_where_bf16_is_not_faster() -> None:
+    slower = resolve_runtime(TrainingConfig(), AVX512_BF16)
+    assert not slower.bf16 and "measured slower than fp32" in slower.precision_reason
+    unmeasured = resolve_runtime(PresetConfigs.cpu(), ARM_BF16)
+    assert not unmeasured.bf16 and "Arm BF16, not measured" in unmeasured.precision_reason
+    plain = resolve_runtime(TrainingConfig(), Hardware())
+    assert plain.dtype_name == "float32"
+    assert plain.precision_reason == "the CPU has no bf16 instructions"
+    for hardware in (AVX512_BF16, ARM_BF16, Hardware()):  # asked for: given
+        assert resolve_runtime(TrainingConfig(bf16=True), hardware).bf16
+
+
+def test_detected_hardware_is_consistent() -> None:
+    hardware = Hardware.detect()
+    assert hardware.cpu_bf16 == (hardware.cpu_bf16_isa == "AMX")
+    assert hardware.cpu_bf16_isa in (None, "AMX", "AVX512-BF16", "Arm BF16")
+
+
+def test_plan_dry_run_and_memory_estimate_follow(make_prepared_task) -> None:
+    task = Task.open(make_prepared_task())
+    plan = plan_run(task, RunOptions(), hardware=AMX)
+    assert plan.runtime.bf16 and plan.memory.precision == "bfloat16"
+    off = plan_run(task, RunOptions(settings=("bf16=false",)), hardware=AMX)
+    assert not off.runtime.bf16 and off.memory.precision == "float32"
+    assert plan.memory.weights * 2 == off.memory.weights  # the weights load in bf16
+    preset = PresetConfigs.cpu()  # SmolLM2: bf16 halves weights and activations
+    assert estimate_memory(preset, hardware=AMX).total < estimate_memory(preset).total
+
+
+def test_a_short_bf16_run_trains(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """bf16 asked for (as the policy does on AMX): bf16 base weights under autocast, LoRA
+    weights in fp32, the loss falls, the meta says bfloat16."""
+    import torch
+
+    from sage_finetune_plugin import LoRATrainer
+    from sage_finetune_plugin.meta import load_meta
+
+    config = tiny_config(
+        tiny_model_dir,
+        data_path=str(write_data(tmp_path / "data.jsonl")),
+        output_dir=str(tmp_path / "task"),
+        bf16=True,
+        max_steps=12,
+    )
+    runner = LoRATrainer(config)
+    result = runner.train()
+    lora = {p.dtype for n, p in runner.model.named_parameters() if "lora_" in n}
+    base = {p.dtype for n, p in runner.model.named_parameters() if "lora_" not in n}
+    assert lora == {torch.float32} and base == {torch.bfloat16}
+    history = result.metrics["loss_history"]
+    assert history[-1]["loss"] < 0.8 * history[0]["loss"]
+    meta = load_meta(tmp_path / "task")
+    assert meta.metrics["precision"] == "bfloat16" and meta.training["bf16"] is True
