@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import re
+import sys
 
 from .errors import DependencyError
 
@@ -67,3 +68,14 @@ def _version(module: str) -> str | None:
 def _numbers(version: str) -> tuple[int, ...]:
     """The leading numeric parts of a version (``1.16.0rc1`` -> (1, 16, 0))."""
     return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def hide_bitsandbytes() -> bool:
+    """Keep bitsandbytes out of this process, for a run that does not use it: peft imports it
+    whenever it is installed, and its CPU backend compiles kernels as it loads (1.5-2.5 s of a
+    run's start here). Afterwards ``import bitsandbytes`` fails and ``find_spec`` finds nothing,
+    so peft and transformers go on without it. False (nothing done) if it is already imported."""
+    if "bitsandbytes" in sys.modules:
+        return False
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+    return True

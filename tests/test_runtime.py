@@ -1,9 +1,11 @@
 """Precision from the hardware on the CPU: bf16 mixed precision where bf16 is fast (AMX), fp32
 elsewhere, the config's word first; the plan, the dry run and the memory estimate follow; a real
-short bf16 run on the tiny model."""
+short bf16 run on the tiny model. And bitsandbytes only in runs that use it."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from sage_finetune_plugin.presets import PresetConfigs
 from sage_finetune_plugin.runs import RunOptions, plan_run
 from sage_finetune_plugin.task import Task
 from sage_finetune_plugin.training.memory import estimate_memory
-from sage_finetune_plugin.training.runtime import Hardware, resolve_runtime
+from sage_finetune_plugin.training.runtime import Hardware, needs_bitsandbytes, resolve_runtime
 
 from conftest import tiny_config, write_data
 
@@ -87,3 +89,46 @@ def test_a_short_bf16_run_trains(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert history[-1]["loss"] < 0.8 * history[0]["loss"]
     meta = load_meta(tmp_path / "task")
     assert meta.metrics["precision"] == "bfloat16" and meta.training["bf16"] is True
+
+
+def test_bitsandbytes_only_where_a_run_needs_it() -> None:
+    config = PresetConfigs.cpu()
+    runtime = resolve_runtime(config, Hardware())
+    assert not needs_bitsandbytes(config, runtime)
+    for changed in (
+        config.replace(load_in_4bit=True),
+        config.replace(optim="paged_adamw_8bit"),  # adamw_8bit on the CPU: bitsandbytes
+        config.replace(method="dpo"),  # TRL
+    ):
+        assert needs_bitsandbytes(changed, resolve_runtime(changed, Hardware()))
+
+
+#: `sage-finetune ARGS...` in this interpreter, then what bitsandbytes is in sys.modules.
+CLI_THEN_BITSANDBYTES = """
+import sys
+from sage_finetune_plugin.cli import main
+sys.argv = ["sage-finetune", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exit:
+    assert not exit.code, exit.code
+print("bitsandbytes:", type(sys.modules.get("bitsandbytes", "absent")).__name__)
+"""
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_8bit"])
+def test_a_run_without_bitsandbytes_never_imports_it(prepared_task: Path, optim: str) -> None:
+    """peft imports bitsandbytes whenever it is installed (and it compiles kernels as it
+    loads); `run` keeps it out of a process whose run does not use it."""
+    command = ["run", str(prepared_task), "--max-steps", "2", "--set", f"optim={optim}"]
+    proc = subprocess.run(
+        [sys.executable, "-c", CLI_THEN_BITSANDBYTES, *command],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = proc.stdout.strip().splitlines()[-1]
+    # Hidden: None in sys.modules, so peft and transformers go on without it.
+    assert found == ("bitsandbytes: module" if optim == "adamw_8bit" else "bitsandbytes: NoneType")
+    assert "Trained 2 steps" in proc.stdout

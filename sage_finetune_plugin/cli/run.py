@@ -207,17 +207,20 @@ def run_command(
         launch=LaunchOptions(nproc, nnodes, node_rank, master_addr, master_port, accelerate_config),
     )
     options.launch.validate()
-    from ..deps import require
+    from ..deps import hide_bitsandbytes, require
 
     require()
     from ..runs import plan_run, start_run
     from ..task import Task
+    from ..training.runtime import needs_bitsandbytes
 
     enable_console_logging()  # before bitsandbytes is first imported: it warns at import
     plan = plan_run(Task.open(task, root), options)
     if dry_run:
         _print_plan(plan)
         return
+    if plan.launch_command is None and not needs_bitsandbytes(plan.config, plan.runtime):
+        hide_bitsandbytes()  # this process trains: ~2 s less before the first step
     bar = ProgressBar()
     try:
         result = start_run(plan, progress=bar)

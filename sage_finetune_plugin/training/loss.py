@@ -24,9 +24,9 @@ installed, and this module stands aside.
 ``install_answer_loss(model)`` patches the forward of the causal LM (under PEFT: the wrapped
 model) to take one more keyword, ``answer_loss=True``; ``AnswerLossTrainer`` passes it when
 only the loss is needed (training steps, and evaluation without ``compute_metrics``). Models
-outside ``SUPPORTED_MODEL_TYPES`` (whose forward is decoder -> ``lm_head`` -> loss and nothing
-else: no logit scaling or soft-capping, no auxiliary loss) and sharded weights (FSDP,
-DeepSpeed) keep the plain computation.
+outside ``runtime.ANSWER_LOSS_MODEL_TYPES`` (whose forward is decoder -> ``lm_head`` -> loss
+and nothing else: no logit scaling or soft-capping, no auxiliary loss) and sharded weights
+(FSDP, DeepSpeed) keep the plain computation.
 """
 
 from __future__ import annotations
@@ -42,18 +42,13 @@ from transformers import Trainer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .distributed import deepspeed_enabled, fsdp_enabled
+from .runtime import ANSWER_LOSS_MODEL_TYPES, LOSS_CHUNK_ELEMENTS
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 #: The keyword the patched forward takes.
 FLAG = "answer_loss"
-#: Model types whose causal-LM forward is exactly decoder -> lm_head -> cross-entropy.
-SUPPORTED_MODEL_TYPES = frozenset(
-    {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2", "gemma", "starcoder2"}
-)
-#: Logits computed at once: chunk x vocabulary elements (64 MiB in fp32).
-CHUNK_ELEMENTS = 2**24
 
 
 def liger_available() -> bool:
@@ -65,7 +60,7 @@ def unsupported_reason(model: Any) -> str | None:
     """Why the answer-token loss cannot replace ``model``'s own (None when it can)."""
     causal_lm = _causal_lm(model)
     model_type = getattr(causal_lm.config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in ANSWER_LOSS_MODEL_TYPES:
         return f"model type {model_type!r} is not among those checked"
     if fsdp_enabled() or deepspeed_enabled():
         return "the weights are sharded (FSDP or DeepSpeed)"
@@ -145,7 +140,7 @@ def linear_cross_entropy(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     targets: torch.Tensor,
-    chunk_elements: int = CHUNK_ELEMENTS,
+    chunk_elements: int = LOSS_CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """Summed cross-entropy of ``hidden @ weight.T + bias`` (positions x vocabulary) against
     ``targets``, computed in chunks of positions; differentiable with respect to all three."""

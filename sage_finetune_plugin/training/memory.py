@@ -51,7 +51,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import ALL_LINEAR, TrainingConfig
 from ..errors import ModelError
-from .runtime import Hardware, Runtime, resolve_runtime
+from .runtime import (
+    ANSWER_LOSS_MODEL_TYPES,
+    LOSS_CHUNK_ELEMENTS,
+    Hardware,
+    Runtime,
+    resolve_runtime,
+)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -510,18 +516,15 @@ def _dequantization_workspace(
 def _answer_loss(model_config: PretrainedConfig) -> bool:
     """Whether training/loss.py computes the loss of this model (its supported types)."""
     from .distributed import deepspeed_enabled, fsdp_enabled
-    from .loss import SUPPORTED_MODEL_TYPES
 
-    supported = getattr(model_config, "model_type", None) in SUPPORTED_MODEL_TYPES
+    supported = getattr(model_config, "model_type", None) in ANSWER_LOSS_MODEL_TYPES
     return supported and not (fsdp_enabled() or deepspeed_enabled())
 
 
 def _answer_loss_logits(arch: _Architecture, setting: _Setting) -> int:
     """One chunk of logits in fp32 (and its half-precision twin and copy of the gradient),
     and the gradient of the scored hidden states."""
-    from .loss import CHUNK_ELEMENTS
-
-    rows = min(setting.tokens, max(1, CHUNK_ELEMENTS // arch.vocab))
+    rows = min(setting.tokens, max(1, LOSS_CHUNK_ELEMENTS // arch.vocab))
     half = 0 if setting.precision == "float32" else 2 * setting.element
     return rows * arch.vocab * (4 + half) + setting.tokens * arch.hidden * 2 * 4
 

@@ -55,6 +55,16 @@ BNB_OPTIMIZERS = {
     "rmsprop_bnb_8bit",
     "rmsprop_bnb_32bit",
 }
+#: Optimizers of torch itself (no bitsandbytes kernels).
+TORCH_OPTIMIZERS = {"adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop"}
+
+#: Model types whose causal-LM forward is exactly decoder -> lm_head -> cross-entropy, so that
+#: training/loss.py may compute their loss on answer tokens only (the memory estimate asks too).
+ANSWER_LOSS_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2", "gemma", "starcoder2"}
+)
+#: Logits the answer-token loss computes at once: chunk x vocabulary elements (64 MiB in fp32).
+LOSS_CHUNK_ELEMENTS = 2**24
 
 
 @dataclass(frozen=True)
@@ -228,6 +238,16 @@ def _optimizer(name: str, device: str, notes: list[str]) -> str:
     if chosen != name:
         notes.append(f"optimizer {name} needs CUDA: using {chosen} on {device}")
     return chosen
+
+
+def needs_bitsandbytes(config: TrainingConfig, runtime: Runtime) -> bool:
+    """Whether a run may import bitsandbytes: quantized weights, an optimizer other than
+    torch's own, or a preference method (TRL)."""
+    return (
+        runtime.quantization is not None
+        or runtime.optim not in TORCH_OPTIMIZERS
+        or config.method != "sft"
+    )
 
 
 def quantization_config(
