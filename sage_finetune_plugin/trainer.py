@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "`sage finetune run --nproc`, so that every rank trains the same one)",
     )
     args = parser.parse_args(argv)
-    from .cli._common import ProgressBar, enable_console_logging, summary_lines
+    from .cli._common import ProgressBar, cli_words, enable_console_logging, summary_lines
     from .runs import RunOptions, plan_run, run_worker, start_run
     from .training.distributed import is_main_process, launched, worker_output
 
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FinetuneError as exc:
         bar.close()
         if not launched():  # a launched worker's error went to its rank log and the launcher
-            print(f"Error: {exc}", file=sys.stderr)
+            print(f"Error: {cli_words(str(exc))}", file=sys.stderr)
         return exc.exit_code
     return 0
 

@@ -138,7 +138,7 @@ def _folder(name: str, folder: Path, split: str | None) -> list[Source]:
         raise DataError(
             f"{name}: a dataset with a loading script ({script.name}), which the datasets "
             "library no longer runs (since 4.0): export its data to .jsonl or .parquet files "
-            "and pass those with --data."
+            "and pass those as data."
         )
     from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
 
@@ -183,7 +183,7 @@ def _load_hub_dataset(name: str, dataset_id: str, split: str | None) -> Any:
         raise DataError(
             f"{name}: no such file or folder, and the Hugging Face dataset {dataset_id!r} is "
             f"not in the local datasets cache ({first_line(exc)}). Download it once with network "
-            f"access ({fetch}), or save its files locally and pass them with --data."
+            f"access ({fetch}), or save its files locally and pass them as data."
         ) from None
 
 

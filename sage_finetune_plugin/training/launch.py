@@ -61,17 +61,16 @@ class LaunchOptions:
 
     def validate(self) -> None:
         if self.nproc is not None and self.nproc < 1:
-            raise UsageProblem(f"--nproc must be at least 1 (got {self.nproc}).")
+            raise UsageProblem(f"nproc must be at least 1 (got {self.nproc}).")
         if self.nnodes < 1:
-            raise UsageProblem(f"--nnodes must be at least 1 (got {self.nnodes}).")
+            raise UsageProblem(f"nnodes must be at least 1 (got {self.nnodes}).")
         if not 0 <= self.node_rank < self.nnodes:
             raise UsageProblem(
-                f"--node-rank must be between 0 and {self.nnodes - 1} (got {self.node_rank})."
+                f"node_rank must be between 0 and {self.nnodes - 1} (got {self.node_rank})."
             )
         if not self.single_node and not self.master_addr:
             raise UsageProblem(
-                "--nnodes > 1 needs --master-addr: the address of node 0, reachable from every "
-                "node."
+                "nnodes > 1 needs master_addr: the address of node 0, reachable from every node."
             )
         config = self.accelerate_config
         if config is not None and not Path(config).is_file():
