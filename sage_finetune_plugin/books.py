@@ -39,7 +39,7 @@ class RunBooks:
 
     def __init__(self, task: Task | str | Path, *, forward: ProgressSink | None = None) -> None:
         self.task = task if isinstance(task, Task) else None
-        self.task_dir = self.task.path if self.task else Path(task)
+        self.task_dir = task.path if isinstance(task, Task) else Path(task)
         self.forward = forward
         self.notes: list[str] = []
         self.config: TrainingConfig | None = None

@@ -62,7 +62,7 @@ def load_chat_model(
         return chat
     final = str(checkpoint).strip().lower() == "final"
     merged, state = task.merged_dir, task.merged_state() if final else "none"
-    if state == "current":
+    if state == "current" and merged is not None:
         report(f"Loading the merged model {merged}")
         return ChatModel(*_load_folder(merged, trust, device), f"merged model {merged}", system)
     if state == "stale":

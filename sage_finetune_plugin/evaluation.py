@@ -95,7 +95,9 @@ class EvalOptions:
         if self.data is not None and self.split != "eval":
             raise UsageProblem("split chooses part of the task's data; data is evaluated whole.")
         if not (self.base or self.tuned):
-            raise UsageProblem("base=False and tuned=False leave nothing to evaluate.")
+            raise UsageProblem(
+                "base=False and tuned=False cannot be combined: nothing to evaluate."
+            )
         for name in ("max_samples", "max_new_tokens", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:

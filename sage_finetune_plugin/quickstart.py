@@ -58,10 +58,14 @@ class TaskType:
     formats: tuple[str, ...] | None
     description: str
     method: str = "sft"
+    #: Its data is built from a code base (``source``), not read from the user's files.
+    source: bool = False
 
 
 TASK_TYPES: dict[str, TaskType] = {
-    "code": TaskType(("alpaca",), "questions and answers derived from a Python code base"),
+    "code": TaskType(
+        ("alpaca",), "questions and answers derived from a Python code base", source=True
+    ),
     "qa": TaskType(("qa",), "question/answer records"),
     "instruction": TaskType(("alpaca",), "alpaca instruction/input/output records"),
     "chat": TaskType(("conversation",), "conversations (messages or ShareGPT)"),
@@ -170,7 +174,7 @@ def quickstart(
     )
 
     code = None
-    if options.task_type == "code":
+    if options.kind.source:
         say(f"Scanning Python files under {Path(options.source or '.').expanduser().resolve()}")
         code = build_code_dataset(options.source or ".")
         loaded = load_training_data(code.records, "alpaca")
@@ -226,22 +230,24 @@ def _check_options(options: QuickstartOptions) -> None:
             f"{unit.name} does not train on: use the task type {' or '.join(fits)}, or another "
             "method."
         )
-    if options.task_type == "code":
+    if kind.source:
         if options.data is not None or any(
             settings.get(key) for key in ("data_format", "columns", "placeholders")
         ):
             raise UsageProblem(
-                "quickstart code builds its data from source (data, data_format, columns and "
-                "placeholders are for your own data: `quickstart custom --data FILE`)."
+                "quickstart code builds its data from source=DIR (data=FILE, data_format=NAME, "
+                "columns={FIELD: COLUMN} and placeholders={KEY: VALUE} are for your own data: "
+                "`quickstart custom --data FILE`)."
             )
     elif options.data is None or (
         not isinstance(options.data, str | os.PathLike) and not list(options.data)
     ):
         raise UsageProblem(
-            f"quickstart {options.task_type} needs data (your training data: {kind.description})."
+            f"quickstart {options.task_type} needs data=FILE (your training data: "
+            f"{kind.description})."
         )
     elif options.source is not None:
-        raise UsageProblem("source is for `quickstart code` only.")
+        raise UsageProblem("source=DIR is for `quickstart code` only.")
 
 
 def _load(options: QuickstartOptions, skip_invalid: bool) -> LoadedData:
@@ -263,7 +269,11 @@ def _load(options: QuickstartOptions, skip_invalid: bool) -> LoadedData:
     except WrongFormat as exc:
         if data_format is not None:
             raise
-        fits = [name for name, other in TASK_TYPES.items() if other.formats == (exc.found,)]
+        fits = [
+            name
+            for name, other in TASK_TYPES.items()
+            if other.formats == (exc.found,) and not other.source
+        ]
         instead = " or ".join(f"`quickstart {name}`" for name in [*fits, "custom"])
         raise DataError(
             f"{exc.where}: {exc.detail}: `quickstart {options.task_type}` reads {exc.expected} "

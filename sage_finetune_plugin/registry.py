@@ -69,6 +69,7 @@ class Registry(Generic[T]):
         """Every unit with its origin, each plugin loaded to tell whether it works."""
         found = [Entry(name, BUILTIN, target) for name, target in self._builtins.items()]
         for name, (origin, target) in self._plugins().items():
+            error: str | None
             if name in self._builtins:
                 error = f"shadowed: {name!r} is a built-in {self.kind}"
             else:

@@ -15,9 +15,12 @@ import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import FinetuneError
+
+if TYPE_CHECKING:
+    from .training.metrics import TrainResult
 
 _MOVED = {
     "LoRATrainer": ".training.recipe",
@@ -46,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     enable_console_logging()  # before the worker's output is teed: its banner is logged
     bar = ProgressBar()
+    result: TrainResult | None
     try:
         with worker_output(args.task_dir):
             if args.config is not None:

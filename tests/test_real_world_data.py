@@ -712,7 +712,7 @@ def test_chinese_alpaca_on_the_cpu_preset_warns_about_truncation(tmp_path: Path)
     [
         (("custom", "--data", "x.jsonl", "--columns", "output"), "takes KEY=VALUE pairs"),
         (("custom", "--data", "x.jsonl", "--replace", "name"), "takes KEY=VALUE"),
-        (("code", "--columns", "output=reply"), "--columns and --replace are for your own data"),
+        (("code", "--columns", "output=reply"), "are for your own data"),
     ],
 )
 def test_data_option_usage_errors(args: tuple[str, ...], expected: str) -> None:

@@ -21,12 +21,17 @@ if TYPE_CHECKING:
 
 
 class Linear(Protocol):
-    """A linear layer of the decoder as the memory estimate sees it."""
+    """A linear layer of the decoder as the memory estimate sees it: its full name, the name
+    of the module holding it, and its sizes."""
 
-    name: str
-    parent: str
-    in_features: int
-    out_features: int
+    @property
+    def name(self) -> str: ...
+    @property
+    def parent(self) -> str: ...
+    @property
+    def in_features(self) -> int: ...
+    @property
+    def out_features(self) -> int: ...
 
 
 class Adapter:

@@ -31,7 +31,7 @@ class FinetuneCommand(click.Command):
             raise click.UsageError(cli_words(str(exc)), ctx=ctx) from None
         except FinetuneError as exc:
             error = click.ClickException(cli_words(str(exc)))
-            error.exit_code = exc.exit_code
+            error.exit_code = exc.exit_code  # type: ignore[misc]  # click reads it per error
             raise error from None
 
 
@@ -53,10 +53,14 @@ _OPTIONS = {
     "dtype": "--dtype",
     "output": "--output",
     "max_new_tokens": "--max-new-tokens",
+    "nnodes": "--nnodes",
+    "node_rank": "--node-rank",
+    "master_addr": "--master-addr",
 }
 #: Phrases with no ``name=VALUE`` shape.
 _PHRASES = {
     "tuned=False": "--base-only",
+    "base=False": "--no-base",
     "base=True": "--base",
     "columns={FIELD: COLUMN}": "--columns FIELD=COLUMN",
     "placeholders={KEY: VALUE}": "--replace KEY=VALUE",
@@ -75,7 +79,7 @@ def cli_words(message: str) -> str:
         message = message.replace(phrase, option)
     fields = setting_fields()
 
-    def option(match: re.Match[str]) -> str:
+    def as_option(match: re.Match[str]) -> str:
         name, value = match.group(1), match.group(2)
         flag = fields[name].metadata["flag"] if name in fields else None
         if flag is not None:
@@ -89,7 +93,7 @@ def cli_words(message: str) -> str:
         return flag_name if value == "True" else f"{flag_name} {value}"
 
     pieces = message.split("`")
-    pieces[::2] = [_TOKEN.sub(option, piece) for piece in pieces[::2]]
+    pieces[::2] = [_TOKEN.sub(as_option, piece) for piece in pieces[::2]]
     return "`".join(pieces)
 
 

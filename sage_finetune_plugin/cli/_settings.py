@@ -52,7 +52,8 @@ def _option(key: str, flag: Flag) -> Callable[[F], F]:
     if bool in allowed:
         kwargs["is_flag"] = True
     elif int in allowed and float not in allowed:
-        kwargs["type"] = click.IntRange(min=flag.minimum) if flag.minimum is not None else int
+        minimum = int(flag.minimum) if flag.minimum is not None else None
+        kwargs["type"] = click.IntRange(min=minimum) if minimum is not None else int
     elif float in allowed:
         kwargs["type"] = click.FloatRange(min=flag.minimum, min_open=flag.open_minimum)
     elif key == "method":

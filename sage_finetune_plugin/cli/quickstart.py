@@ -14,8 +14,7 @@ from ._settings import given_settings, setting_options
 from .run import run_command
 
 _TYPES = "\n".join(
-    f"      {name:<12} {kind.description}"
-    + (f" (--method {kind.method} by default)" if kind.method != "sft" else "")
+    f"      {name:<12} {kind.description} (method {kind.method})"
     for name, kind in TASK_TYPES.items()
 )
 

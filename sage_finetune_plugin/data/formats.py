@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ from ..errors import ConfigError, DataError
 from .messages import Invalid, json_type
 from .preference import (
     canonical_preference,
+    labelled_claim,
     labelled_evidence,
     normalize_labelled,
     normalize_pair,
@@ -66,6 +67,8 @@ class Format:
     task_type: str
     #: Why a method of the other family must not train it (said when one is asked to).
     misuse: str = ""
+    #: A looser test used when the reading method trains on this format (None: ``evidence``).
+    claim: Callable[[Mapping[str, Any]], str | None] | None = None
 
 
 def _keys_present(*names: str) -> Callable[[Mapping[str, Any]], str | None]:
@@ -96,6 +99,7 @@ FORMAT_SPECS = (
         PREFERENCE,
         "preference",
         misuse="supervised fine-tuning would also train the answers marked bad",
+        claim=labelled_claim,
     ),
     Format(
         "conversation",
@@ -293,8 +297,14 @@ def record_kind(record: Any) -> str | None:
     return found if found in ("preference", "kto") else None
 
 
-def detect_format(record: Mapping[str, Any]) -> str | None:
-    return next((s.name for s in FORMAT_SPECS if s.evidence(record)), None)
+def detect_format(record: Mapping[str, Any], reading: Sequence[str] = ()) -> str | None:
+    """The format of ``record`` (the first in detection order that recognises it); for a
+    method that reads ``reading``, its formats recognise their records more loosely."""
+    for spec in FORMAT_SPECS:
+        test = spec.claim if spec.claim is not None and spec.name in reading else spec.evidence
+        if test(record):
+            return spec.name
+    return None
 
 
 @dataclass(frozen=True)
@@ -397,7 +407,7 @@ class Validator:
         media = media_evidence(record)
         if media:
             raise Unsupported("multimodal", media, self.reader)
-        found = detect_format(record)
+        found = detect_format(record, self.reader.formats)
         if found is not None and found not in self.reader.formats:
             evidence = SPECS_BY_NAME[found].evidence(record) or ""
             raise Unsupported(found, evidence, self.reader)
@@ -407,7 +417,7 @@ class Validator:
             self.format, self.first_location = found, location
         elif found != self.format and not self.forced:
             raise Invalid("mixed formats", self._mixed_message(record, found))
-        elif not SPECS_BY_NAME[self.format].evidence(record):
+        elif not (SPECS_BY_NAME[self.format].claim or SPECS_BY_NAME[self.format].evidence)(record):
             spec = SPECS_BY_NAME[self.format]
             raise Invalid(
                 "wrong fields",

@@ -156,10 +156,10 @@ def load_normalized(path: DataSource, options: ReadOptions, digest: str) -> Load
     arrow_file = os.path.join(workdir, "normalized.arrow")
     try:
         with ArrowWriter(features=normalized_features(), path=arrow_file) as writer:
-            for source_name, records, named in sources:
+            for source_name, source_records, named in sources:
                 validator = Validator(reader, options.format, options.columns, options.placeholders)
                 read = invalid = 0
-                for location, record in records:
+                for location, record in source_records:
                     read += 1
                     try:
                         row = _normalize(validator, record, location, source_name, options)

@@ -54,6 +54,14 @@ def labelled_evidence(record: Mapping[str, Any]) -> str | None:
     return None
 
 
+def labelled_claim(record: Mapping[str, Any]) -> str | None:
+    """For a method that trains on labels: any ``label`` beside an answer makes a KTO record
+    (one that is not a boolean is then a bad label, not another format)."""
+    if "label" in record and any(k in record for k in ANSWER_KEYS):
+        return "an answer with a 'label'"
+    return labelled_evidence(record)
+
+
 def normalize_pair(record: Mapping[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
     last = _split_last_turn(record)
     if last is not None and not any(key in record for key in PAIR_KEYS):
@@ -103,7 +111,9 @@ def _split_last_turn(record: Mapping[str, Any]) -> tuple[str, list[Any]] | None:
     """A conversation whose last turn holds both answers: (its key, its turns)."""
     for key in CONVERSATION_KEYS:
         turns = record.get(key)
-        last = turns[-1] if isinstance(turns, list) and turns else None
+        if not isinstance(turns, list) or not turns:
+            continue
+        last = turns[-1]
         if isinstance(last, Mapping) and "chosen" in last and "rejected" in last:
             return key, turns
     return None

@@ -154,7 +154,7 @@ class PrepareOptions:
     @classmethod
     def from_config(cls, config: TrainingConfig, **given: Any) -> PrepareOptions:
         """The options of ``config``; ``given`` options that are not None replace them."""
-        values = {
+        values: dict[str, Any] = {
             "method": config.method,
             "format": config.data_format,
             "max_length": config.max_length,
@@ -186,7 +186,8 @@ class PrepareOptions:
 class _Summarizing(Protocol):
     """What a statistics summary asks of the method (methods.base.Method)."""
 
-    sample_noun: str
+    @property
+    def sample_noun(self) -> str: ...
 
     def stats_lines(self, stats: DataStats) -> list[str]: ...
 

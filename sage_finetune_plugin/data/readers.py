@@ -356,7 +356,7 @@ def _path_digest(path: Path) -> str:
     for file in files:
         digest.update(str(file.relative_to(path) if path.is_dir() else "").encode())
         with open_binary(file) as handle:
-            for chunk in iter(lambda h=handle: h.read(1 << 20), b""):
+            while chunk := handle.read(1 << 20):
                 digest.update(chunk)
     return digest.hexdigest()
 
@@ -375,7 +375,8 @@ def content_hash(
     (in order), or of records."""
     digest = hashlib.sha256()
     if is_records(source):
-        digest.update(json.dumps(list(source), sort_keys=True, ensure_ascii=False).encode())
+        records = list(source)  # type: ignore[arg-type]
+        digest.update(json.dumps(records, sort_keys=True, ensure_ascii=False).encode())
         return digest.hexdigest()
     sources = resolve_sources(source)  # type: ignore[arg-type]
     if len(sources) == 1:

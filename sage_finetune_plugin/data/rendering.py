@@ -254,7 +254,7 @@ class Renderer:
                 and rest.startswith(answer)
             ):
                 self._turn_markers = (header, end)
-        return self._turn_markers or None
+        return self._turn_markers if isinstance(self._turn_markers, tuple) else None
 
     def _split_turns(
         self, messages: list[dict[str, Any]], full: str
@@ -370,7 +370,7 @@ class Renderer:
         batch encoder without offsets where there is one (the same ids, a fifth faster), else
         through the tokenizer's own call."""
         assert self.tokenizer is not None
-        backend = getattr(self.tokenizer, "_tokenizer", None)
+        backend: Any = getattr(self.tokenizer, "_tokenizer", None)
         if hasattr(backend, "encode_batch_fast") and getattr(self.tokenizer, "is_fast", False):
             encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
             return [encoding.ids for encoding in encodings]

@@ -191,7 +191,7 @@ class PreferenceMethod(Method):
         return {"beta": config.pref_beta}
 
     def build_trainer(self, recipe: LoRATrainer, model: Any, data: PreparedDataset) -> Trainer:
-        from ..data.prepared import quiet_progress
+        from ..data.preparation import quiet_progress
 
         config = recipe.config
         trainer_class, arguments_class = self.trainer_classes()

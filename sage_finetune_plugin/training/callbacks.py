@@ -17,14 +17,14 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
-from ..progress import Progress, ProgressSink
+from ..progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class RunProgress(Progress):
 class ProgressCallback(TrainerCallback):
     """Reports the run to ``sink`` from the main process only (one report per run)."""
 
-    def __init__(self, sink: ProgressSink) -> None:
+    def __init__(self, sink: Callable[[RunProgress], None]) -> None:
         self.sink = sink
         self.loss: float | None = None
         self.lr: float | None = None

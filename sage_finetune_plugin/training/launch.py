@@ -66,11 +66,13 @@ class LaunchOptions:
             raise UsageProblem(f"nnodes must be at least 1 (got {self.nnodes}).")
         if not 0 <= self.node_rank < self.nnodes:
             raise UsageProblem(
-                f"node_rank must be between 0 and {self.nnodes - 1} (got {self.node_rank})."
+                f"node_rank={self.node_rank} is not between 0 and {self.nnodes - 1} (nodes "
+                "count from 0)."
             )
         if not self.single_node and not self.master_addr:
             raise UsageProblem(
-                "nnodes > 1 needs master_addr: the address of node 0, reachable from every node."
+                f"nnodes={self.nnodes} needs master_addr=ADDRESS: the address of node 0, "
+                "reachable from every node."
             )
         config = self.accelerate_config
         if config is not None and not Path(config).is_file():

@@ -98,7 +98,10 @@ class LoRATrainer:
             raise blocker
         self.adapter = adapter_for(config)
         task = task_dir if isinstance(task_dir, Task) else None
-        self.task_dir = task.path if task else Path(task_dir or config.output_dir)
+        if isinstance(task_dir, Task):
+            self.task_dir = task_dir.path
+        else:
+            self.task_dir = Path(task_dir or config.output_dir)
         self.books = books or RunBooks(task or self.task_dir, forward=progress)
         self.callbacks = list(callbacks or [])
         self.hardware = hardware
