@@ -45,7 +45,7 @@ ENGINE_MODULES = {
 }
 ENGINE_INSTALL = {
     "transformers": "pip install 'sage-finetune-plugin[serve]' (FastAPI, Uvicorn, openai)",
-    "vllm": "pip install vllm on a machine with a CUDA GPU, or use --engine transformers",
+    "vllm": "pip install vllm on a machine with a CUDA GPU, or use engine=transformers",
 }
 #: Seconds a stopped engine gets to exit after SIGINT, then after SIGTERM, before SIGKILL.
 STOP_GRACE = (10.0, 5.0)
@@ -156,7 +156,7 @@ def check_port(host: str, port: int) -> None:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise ServeError(
-                    f"Port {port} on {host} is already in use: choose another with --port."
+                    f"Port {port} on {host} is already in use: choose another with port=N."
                 ) from None
             raise ServeError(f"Cannot listen on {host}:{port}: {exc.strerror}.") from None
 

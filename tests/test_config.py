@@ -130,9 +130,9 @@ def test_replace_validates_and_merges_lora():
         TrainingConfig().replace(batch=4)
 
 
-# The preset table of the original tool (mission.md); rtx_4090 and a100 keep its context
-# length and effective batch (16) but use batch 1 with gradient checkpointing, which is what
-# lets the 7B model fit those cards (test_large_presets_fit_their_cards).
+# The preset table of the original tool (docs/training.md, "Presets"); rtx_4090 and a100 keep
+# its context length and effective batch (16) but use batch 1 with gradient checkpointing,
+# which is what lets the 7B model fit those cards (test_large_presets_fit_their_cards).
 PRESET_TABLE = {
     "minimal": dict(
         load_in_4bit=True,

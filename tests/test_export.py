@@ -101,7 +101,7 @@ def compare(task: Path, quant: str) -> dict[str, Any]:
     }
     answers, expected_answers = greedy_answers(model, tokenizer), chat_answers(task)
     figures["same_answers"] = [a == b for a, b in zip(answers, expected_answers, strict=True)]
-    print(f"{task.name} {quant}: {figures}, answers {answers}")  # the README's figures (-s)
+    print(f"{task.name} {quant}: {figures}, answers {answers}")  # docs/export.md's figures (-s)
     return figures
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from ..meta import TaskStatus
 from ..paths import HOME_ENV, task_root
 from ._common import command, fmt, root_option, status, task_argument
 
@@ -62,7 +63,7 @@ def list_command(root: Path | None, as_json: bool) -> None:
 def _cell(key: str, row: dict[str, Any]) -> str:
     """A table cell: a running task shows step/max steps; one marked as training that no
     process holds any more is shown as crashed (continue it with run --resume)."""
-    if key == "status" and row["status"] == "training" and not row["running"]:
+    if key == "status" and row["status"] == TaskStatus.TRAINING and not row["running"]:
         return "crashed"
     if key == "steps" and row["running"] and row["steps"] is not None:
         return f"{row['steps']}/{fmt(row['max_steps'])}"

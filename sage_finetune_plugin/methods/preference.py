@@ -95,15 +95,9 @@ class PreferenceMethod(Method):
         """Each record's prompt and answers as text, and their token counts."""
         out: dict[str, list[Any]] = {name: [] for name in self.features()}
         texts: list[str] = []
-        rendered = []
-        for row in rows:
-            answers, labels = _answers(row)
-            pieces = [
-                renderer.prompt_and_answer(row["messages"], a, row["location"]) for a in answers
-            ]
-            prompt = pieces[0][0]
-            rendered.append((prompt, [answer for _, answer in pieces], labels))
-            texts += [prompt, *(answer for _, answer in pieces)]
+        rendered = [_texts(renderer, row) for row in rows]
+        for prompt, answers, _ in rendered:
+            texts += [prompt, *answers]
         counts = iter(len(ids) for ids in renderer.token_ids(texts)) if texts else iter(())
         limit = renderer.max_length or 1 << 30
         for prompt, answers, labels in rendered:
@@ -160,16 +154,12 @@ class PreferenceMethod(Method):
         """The prompt (not trained on), then each answer (trained on) with what it is."""
         samples = []
         for row in rows:
-            answers, labels = _answers(row)
-            pieces = [
-                renderer.prompt_and_answer(row["messages"], a, row["location"]) for a in answers
-            ]
-            prompt = pieces[0][0]
+            prompt, answers, labels = _texts(renderer, row)
             if row["kind"] == "labelled":
                 tag = "desirable" if labels[0] else "undesirable"
-                samples.append([(prompt, False), (pieces[0][1], True), (f"  <- {tag}", False)])
+                samples.append([(prompt, False), (answers[0], True), (f"  <- {tag}", False)])
             else:
-                chosen, rejected = pieces[0][1], pieces[1][1]
+                chosen, rejected = answers
                 samples.append(
                     [
                         (prompt, False),
@@ -268,8 +258,12 @@ class PairedMethod(PreferenceMethod):
     memory = MemoryProfile(sequences_per_sample=2, dropout=False)
 
 
-def _answers(row: Mapping[str, Any]) -> tuple[list[str], list[bool]]:
-    """A normalized record's answers and whether each is the desirable one."""
+def _texts(renderer: Renderer, row: Mapping[str, Any]) -> tuple[str, list[str], list[bool]]:
+    """A normalized record as TRL's text: the prompt, its answers, and whether each answer is
+    the desirable one."""
     if row["kind"] == "labelled":
-        return [row["completion"]], [bool(row["label"])]
-    return [row["chosen"], row["rejected"]], [True, False]
+        answers, labels = [row["completion"]], [bool(row["label"])]
+    else:
+        answers, labels = [row["chosen"], row["rejected"]], [True, False]
+    pieces = [renderer.prompt_and_answer(row["messages"], a, row["location"]) for a in answers]
+    return pieces[0][0], [answer for _, answer in pieces], labels

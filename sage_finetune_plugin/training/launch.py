@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, FinetuneError, TrainingError, TrainingInterrupted, UsageProblem
+from ..meta import TaskStatus
 from ..paths import LAUNCH_CONFIG, LOGS_DIR
 from .distributed import LAUNCHED_ENV, error_record, rank_log
 from .metrics import TrainResult
@@ -259,7 +260,7 @@ def _failure(
     if ranks is not None:
         records = [r for r in records if r.get("rank") in ranks] or records
     with contextlib.suppress(FinetuneError):
-        if task.reload().status == "interrupted":
+        if task.reload().status == TaskStatus.INTERRUPTED:
             return TrainingInterrupted(
                 f"Training of {task_dir} interrupted: continue with "
                 f"`sage finetune run {task_dir} --resume` (and the same --nproc)."
@@ -281,5 +282,5 @@ def _failure(
 def _mark_failed(task: Task) -> None:
     """A rank 0 that was stopped because another rank failed could not record it."""
     with contextlib.suppress(FinetuneError):
-        if task.reload().status == "training":
-            task.update(status="failed")
+        if task.reload().status == TaskStatus.TRAINING:
+            task.update(status=TaskStatus.FAILED)
