@@ -15,6 +15,7 @@ from ..presets import PresetConfigs
 from ..runs import QUANTIZATION, RunOptions, RunPlan
 from ._common import (
     ProgressBar,
+    cli_words,
     command,
     enable_console_logging,
     root_option,
@@ -222,7 +223,7 @@ def _print_plan(plan: RunPlan) -> None:
         click.echo(f"  note: {note}")
     click.echo("Data:")
     for line in inspect_data(plan).summary().splitlines():
-        click.echo(f"  {line}")
+        click.echo(f"  {cli_words(line)}")
     click.echo(f"Memory: {plan.memory_verdict()}")
     for line in plan.memory.summary() if plan.memory else []:
         click.echo(f"  {line}")
@@ -235,7 +236,7 @@ def _print_plan(plan: RunPlan) -> None:
             f"Start: step 0, removing {plan.stale_checkpoints} checkpoint(s) of an earlier run"
         )
     for blocker in plan.blockers:
-        click.echo(f"Would refuse: {blocker}")
+        click.echo(f"Would refuse: {cli_words(str(blocker))}")
     if plan.launch_command:
         click.echo(f"Launch: {shlex.join(plan.launch_command)}")
     click.echo("Dry run: nothing trained, nothing written.")
