@@ -26,7 +26,7 @@ _LAZY = {
     "format_conversation_sample": ".data",
     "format_text_sample": ".data",
     "LoRATrainer": ".training.recipe",
-    "PreferenceTrainer": ".training.preference",
+    "PreferenceTrainer": ".training.recipe",
     "TrainResult": ".training.metrics",
     "RunOptions": ".runs",
     "RunPlan": ".runs",
@@ -35,7 +35,12 @@ _LAZY = {
     "train_from_meta": ".runs",
     "estimate_memory": ".training.memory",
     "evaluate_task": ".evaluation",
+    "EvalOptions": ".evaluation",
     "EvalReport": ".evaluation",
+    "QuickstartOptions": ".quickstart",
+    "quickstart": ".quickstart",
+    "PrepareOptions": ".data",
+    "Method": ".methods.base",
 }
 
 __all__ = ["__version__", *_LAZY]

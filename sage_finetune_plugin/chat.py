@@ -15,14 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .adapters import adapter_for
 from .errors import ModelError, TaskError, UsageProblem, first_line
-from .models import load_adapter_tokenizer, load_tokenizer, quiet_deprecations, resolve_model
+from .models import load_adapter_tokenizer, load_tokenizer, resolve_model
+from .progress import Status
 from .task import Task
 from .templates import ensure_chat_template, stop_token_ids
 from .training.runtime import Hardware, Runtime, inference_runtime
 
 StreamCallback = Callable[[str], None]
-Progress = Callable[[str], None]
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -44,14 +45,14 @@ def load_chat_model(
     *,
     root: str | os.PathLike[str] | None = None,
     base: bool = False,
-    progress: Progress | None = None,
+    status: Status | None = None,
     hardware: Hardware | None = None,
     checkpoint: str | int = "final",
 ) -> ChatModel:
     """The task's merged model if present, else base + final adapter; ``base=True``: the base;
     ``checkpoint`` ``latest`` or a step number: base + that checkpoint's adapter. It runs
     where the runtime policy says (GPU, Apple MPS, else CPU)."""
-    report = progress or (lambda _message: None)
+    report = status or (lambda _message: None)
     task = Task.of(task, root)
     device = inference_runtime(hardware)
     trust, base_name, system = task.trust_remote_code, task.base_model, task.system_prompt
@@ -61,7 +62,7 @@ def load_chat_model(
         return chat
     final = str(checkpoint).strip().lower() == "final"
     merged, state = task.merged_dir, task.merged_state() if final else "none"
-    if state == "current":
+    if state == "current" and merged is not None:
         report(f"Loading the merged model {merged}")
         return ChatModel(*_load_folder(merged, trust, device), f"merged model {merged}", system)
     if state == "stale":
@@ -77,7 +78,7 @@ def load_chat_model(
     chat = _load_base(base_name, trust, device, report)
     report(f"Applying the adapter {adapter}")
     return ChatModel(
-        _with_adapter(chat.model, adapter),
+        _with_adapter(task, chat.model, adapter),
         load_adapter_tokenizer(adapter, base_name, trust_remote_code=trust),
         f"{base_name} + adapter {adapter}",
         system,
@@ -88,11 +89,11 @@ def _not_trained_message(task: Task) -> str:
     return (
         f"Task {task.path} has no trained model (status {task.meta.status}; no adapter at "
         f"{task.adapter_dir}): run `sage finetune run {task.path}` first, or talk to the base "
-        "model with --base."
+        "model with base=True."
     )
 
 
-def _load_base(base_name: str, trust: bool, runtime: Runtime, report: Progress) -> ChatModel:
+def _load_base(base_name: str, trust: bool, runtime: Runtime, report: Status) -> ChatModel:
     path = resolve_model(base_name, trust_remote_code=trust)
     report(f"Loading the base model {base_name}")
     return ChatModel(*_load_folder(path, trust, runtime), f"base model {base_name}")
@@ -113,13 +114,11 @@ def _load_folder(folder: Path, trust: bool, runtime: Runtime) -> tuple[Any, Any]
     return model.to(runtime.device).eval(), tokenizer
 
 
-def _with_adapter(model: Any, adapter: Path) -> Any:
+def _with_adapter(task: Task, model: Any, adapter: Path) -> Any:
     """Base model with the adapter merged in memory (generation runs at plain-model speed)."""
-    from peft import PeftModel
-
+    unit = adapter_for(task.meta.training)
     try:
-        with quiet_deprecations():
-            return PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
+        return unit.merge(unit.apply(model, adapter), safe=False).eval()
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"Cannot apply the adapter in {adapter}: {first_line(exc)}") from None
 
@@ -188,7 +187,7 @@ class ChatSession:
             raise ModelError(
                 f"The message is too long: {length} tokens plus {self.max_new_tokens} new ones "
                 f"exceed the model's context of {limit} tokens. Shorten it or lower "
-                "--max-new-tokens."
+                "max_new_tokens."
             )
         return inputs
 

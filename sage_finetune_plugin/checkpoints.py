@@ -72,7 +72,7 @@ def find_adapter(
     if wanted == "final":
         if is_complete_adapter(final):
             return final, "final"
-        hint = " (or use a checkpoint with --checkpoint latest)" if checkpoints else ""
+        hint = " (or use a checkpoint with checkpoint=latest)" if checkpoints else ""
         raise TaskError(
             f"Task {task_dir} has no trained adapter at {final}: "
             f"run training first: sage finetune run {task_dir}{hint}."
@@ -86,7 +86,7 @@ def find_adapter(
         step, path = checkpoints[-1]
         return path, f"checkpoint-{step}"
     if not wanted.isdigit():
-        raise TaskError(f"--checkpoint must be final, latest or a step number, got {choice!r}.")
+        raise TaskError(f"checkpoint must be final, latest or a step number, got {choice!r}.")
     by_step = dict(checkpoints)
     if int(wanted) not in by_step:
         steps = ", ".join(str(step) for step, _ in checkpoints)

@@ -15,14 +15,16 @@ import difflib
 import json
 import math
 import os
+import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .methods import method_names
 
 #: The model the original SAGE tool trained by default (a 12 GB card with 8-bit loading).
 DEFAULT_MODEL = "Qwen/Qwen2.5-Coder-1.5B-Instruct"
@@ -31,33 +33,76 @@ SMALL_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 #: The model recommended for 24 GB and larger cards.
 LARGE_MODEL = "Qwen/Qwen2.5-Coder-7B-Instruct"
 
-#: Training objectives: supervised fine-tuning, and the preference methods run through TRL.
-PREFERENCE_METHODS = ("dpo", "orpo", "kto")
-METHODS = ("sft", *PREFERENCE_METHODS)
-
 #: ``target_modules`` value meaning "every linear projection of the architecture except the
 #: output head" (peft resolves it per model).
 ALL_LINEAR = "all-linear"
 
+#: Scopes of a setting: ``task`` describes the task (its model, data, objective) and is kept
+#: when a preset is applied to it (``run --preset``); ``preset`` is a hyperparameter a preset
+#: replaces.
+TASK = "task"
+PRESET = "preset"
 
-def _help(text: str, **kwargs: Any) -> Any:
-    """A dataclass field carrying a help text (shown by ``--dry-run`` and the docs)."""
-    return field(metadata={"help": text}, **kwargs)
+
+@dataclass(frozen=True)
+class Flag:
+    """A named command-line option for a setting (every setting also takes ``--set KEY=V``).
+
+    ``name`` is the option without dashes (``lr`` for ``--lr``), ``commands`` the commands that
+    offer it, ``keyword`` the Python keyword of ``RunOptions`` / ``quickstart()`` that does the
+    same (the names of 0.x; new settings need none). ``minimum`` (``open_minimum``: excluded)
+    bounds a number; ``multiple`` makes a mapping option repeatable (``--replace K=V``).
+    ``clears`` are settings the option resets unless they are given too (``--epochs`` clears
+    ``max_steps``); ``keeps_ratio`` a setting scaled with it (``--lora-r`` keeps
+    ``lora_alpha / r``). ``help`` replaces the setting's help text for the option."""
+
+    name: str
+    commands: tuple[str, ...] = ("run",)
+    keyword: str | None = None
+    minimum: float | None = None
+    open_minimum: bool = False
+    metavar: str | None = None
+    multiple: bool = False
+    clears: tuple[str, ...] = ()
+    keeps_ratio: str | None = None
+    help: str | None = None
+
+
+def setting(
+    help: str,
+    *,
+    scope: str = PRESET,
+    flag: Flag | None = None,
+    default: Any = dataclasses.MISSING,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
+    """A config field with its help text, its scope (``TASK`` or ``PRESET``) and, if any, its
+    named command-line option; everything that lists settings reads these."""
+    metadata = {"help": help, "scope": scope, "flag": flag}
+    if default_factory is not dataclasses.MISSING:
+        return field(metadata=metadata, default_factory=default_factory)
+    return field(metadata=metadata, default=default)
 
 
 @dataclass
 class LoRAConfig:
     """Low-rank adapter settings (see peft.LoraConfig)."""
 
-    r: int = _help("Rank of the update matrices.", default=8)
-    lora_alpha: int = _help("Scaling numerator: updates are scaled by lora_alpha / r.", default=16)
-    target_modules: list[str] | str = _help(
+    r: int = setting(
+        "Rank of the LoRA update matrices.",
+        default=8,
+        flag=Flag("lora-r", keyword="lora_r", minimum=1, keeps_ratio="lora_alpha"),
+    )
+    lora_alpha: int = setting(
+        "Scaling numerator: updates are scaled by lora_alpha / r.", default=16
+    )
+    target_modules: list[str] | str = setting(
         "Module names to adapt, or 'all-linear' for every linear projection.",
         default=ALL_LINEAR,
     )
-    lora_dropout: float = _help("Dropout on the adapter input, in [0, 1).", default=0.05)
-    bias: str = _help("Which biases to train: none, all or lora_only.", default="none")
-    task_type: str = _help("peft task type.", default="CAUSAL_LM")
+    lora_dropout: float = setting("Dropout on the adapter input, in [0, 1).", default=0.05)
+    bias: str = setting("Which biases to train: none, all or lora_only.", default="none")
+    task_type: str = setting("peft task type.", default="CAUSAL_LM")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -90,95 +135,177 @@ class TrainingConfig:
     precision is chosen from the device unless fp16/bf16 is set)."""
 
     # Model
-    model_name: str = _help("Hub id or local directory of the base model.", default=DEFAULT_MODEL)
-    load_in_8bit: bool = _help("Load the base model in 8-bit (bitsandbytes).", default=False)
-    load_in_4bit: bool = _help("Load the base model in 4-bit (QLoRA, bitsandbytes).", default=False)
-    bnb_4bit_quant_type: str = _help("4-bit quantization type: nf4 or fp4.", default="nf4")
-    bnb_4bit_use_double_quant: bool = _help("Quantize the 4-bit scales too.", default=True)
-    trust_remote_code: bool = _help("Run code shipped with the model (off: safer).", default=False)
-    preset: str | None = _help("Name of the preset this config came from.", default=None)
+    model_name: str = setting(
+        "Hub id or local directory of the base model.",
+        scope=TASK,
+        default=DEFAULT_MODEL,
+        flag=Flag("model", commands=("run", "quickstart"), keyword="model"),
+    )
+    load_in_8bit: bool = setting("Load the base model in 8-bit (bitsandbytes).", default=False)
+    load_in_4bit: bool = setting(
+        "Load the base model in 4-bit (QLoRA, bitsandbytes).", default=False
+    )
+    bnb_4bit_quant_type: str = setting("4-bit quantization type: nf4 or fp4.", default="nf4")
+    bnb_4bit_use_double_quant: bool = setting("Quantize the 4-bit scales too.", default=True)
+    trust_remote_code: bool = setting(
+        "Run code shipped with the model (off: safer).", scope=TASK, default=False
+    )
+    preset: str | None = setting("Name of the preset this config came from.", default=None)
 
     # Data
-    data_path: str | None = _help("Training data file or directory.", default=None)
-    eval_data_path: str | None = _help("Optional evaluation data file.", default=None)
-    eval_ratio: float = _help("Share of the data held out for evaluation.", default=0.0)
-    data_format: str | None = _help("Force a data format instead of detecting it.", default=None)
-    max_length: int = _help("Longest sample in tokens; longer ones are truncated.", default=1024)
-    train_on_prompt: bool = _help("Also compute the loss on prompt tokens.", default=False)
-    packing: bool = _help("Pack several samples into one sequence.", default=False)
-    columns: dict[str, str] | None = _help(
+    data_path: str | None = setting("Training data file or directory.", scope=TASK, default=None)
+    eval_data_path: str | None = setting("Optional evaluation data file.", scope=TASK, default=None)
+    eval_ratio: float = setting(
+        "Share of the data held out for evaluation.", scope=TASK, default=0.0
+    )
+    data_format: str | None = setting(
+        "Force the data format instead of detecting it: alpaca, qa, conversation, "
+        "prompt_completion, text, preference or kto.",
+        scope=TASK,
+        default=None,
+        flag=Flag("format", commands=("quickstart",), keyword="data_format"),
+    )
+    max_length: int = setting(
+        "Longest sample in tokens; longer ones are truncated.",
+        default=1024,
+        flag=Flag("max-length", commands=("run", "quickstart"), keyword="max_length", minimum=2),
+    )
+    train_on_prompt: bool = setting(
+        "Also compute the loss on prompt tokens.", scope=TASK, default=False
+    )
+    packing: bool = setting("Pack several samples into one sequence.", default=False)
+    columns: dict[str, str] | None = setting(
         "Fields found under other names: {field: your column}, e.g. {'output': 'response'} "
         "(role and content: the keys inside conversation turns).",
+        scope=TASK,
         default=None,
+        flag=Flag(
+            "columns", commands=("quickstart",), keyword="columns", metavar="FIELD=COLUMN,..."
+        ),
     )
-    placeholders: dict[str, str] | None = _help(
-        "Values for {{KEY}} placeholders in the data: {KEY: value}.", default=None
+    placeholders: dict[str, str] | None = setting(
+        "Values for {{KEY}} placeholders in the data: {KEY: value}.",
+        scope=TASK,
+        default=None,
+        flag=Flag(
+            "replace",
+            commands=("quickstart",),
+            keyword="placeholders",
+            metavar="KEY=VALUE",
+            multiple=True,
+            help="Fill {{KEY}} placeholders in the data with VALUE (repeatable).",
+        ),
     )
-    system_prompt: str | None = _help(
-        "System prompt for records without one (training and chat).", default=None
+    system_prompt: str | None = setting(
+        "System prompt for records without one (training and chat).",
+        scope=TASK,
+        default=None,
+        flag=Flag("system", commands=("quickstart",), keyword="system_prompt", metavar="TEXT"),
     )
-    skip_invalid: bool = _help(
-        "Drop malformed records (counted in the data statistics) instead of failing.",
+    skip_invalid: bool = setting(
+        "Drop malformed records (counted in the data statistics) instead of failing; records "
+        "of another kind (preference pairs for sft, media) are never dropped.",
+        scope=TASK,
         default=False,
+        flag=Flag("skip-invalid", commands=("run", "quickstart"), keyword="skip_invalid"),
     )
 
     # Schedule
-    output_dir: str = _help(
-        "Task directory: adapter, checkpoints, logs.", default="finetune_output/default"
+    output_dir: str = setting(
+        "Task directory: adapter, checkpoints, logs.",
+        scope=TASK,
+        default="finetune_output/default",
     )
-    num_train_epochs: float = _help("Passes over the training data.", default=3)
-    max_steps: int | None = _help("Stop after this many optimizer steps.", default=None)
-    per_device_train_batch_size: int = _help("Samples per device per step.", default=1)
-    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=16)
-    learning_rate: float = _help("Peak learning rate.", default=5e-5)
-    lr_scheduler_type: str = _help("Learning-rate schedule (transformers name).", default="cosine")
-    warmup_ratio: float = _help("Share of steps spent warming up, in [0, 1).", default=0.1)
-    weight_decay: float = _help("AdamW weight decay.", default=0.0)
-    max_grad_norm: float = _help("Gradient clipping norm.", default=1.0)
+    num_train_epochs: float = setting(
+        "Passes over the training data.",
+        default=3,
+        flag=Flag("epochs", keyword="epochs", minimum=0, open_minimum=True, clears=("max_steps",)),
+    )
+    max_steps: int | None = setting(
+        "Stop after this many optimizer steps.",
+        default=None,
+        flag=Flag("max-steps", keyword="max_steps", minimum=1),
+    )
+    per_device_train_batch_size: int = setting(
+        "Samples per device per step.",
+        default=1,
+        flag=Flag("batch-size", keyword="batch_size", minimum=1),
+    )
+    gradient_accumulation_steps: int = setting(
+        "Micro-batches per optimizer step.",
+        default=16,
+        flag=Flag("grad-accum", keyword="grad_accum", minimum=1),
+    )
+    learning_rate: float = setting(
+        "Peak learning rate.",
+        default=5e-5,
+        flag=Flag("lr", keyword="learning_rate", minimum=0, open_minimum=True),
+    )
+    lr_scheduler_type: str = setting(
+        "Learning-rate schedule (transformers name).", default="cosine"
+    )
+    warmup_ratio: float = setting("Share of steps spent warming up, in [0, 1).", default=0.1)
+    weight_decay: float = setting("AdamW weight decay.", default=0.0)
+    max_grad_norm: float = setting("Gradient clipping norm.", default=1.0)
 
     # Memory and precision
-    fp16: bool | None = _help("fp16 mixed precision (None: chosen from the device).", default=None)
-    bf16: bool | None = _help("bf16 mixed precision (None: chosen from the device).", default=None)
-    gradient_checkpointing: bool = _help("Recompute activations to save memory.", default=True)
-    optim: str = _help("Optimizer (transformers name).", default="adamw_torch")
+    fp16: bool | None = setting(
+        "fp16 mixed precision (None: chosen from the device).", default=None
+    )
+    bf16: bool | None = setting(
+        "bf16 mixed precision (None: chosen from the device).", default=None
+    )
+    gradient_checkpointing: bool = setting("Recompute activations to save memory.", default=True)
+    optim: str = setting("Optimizer (transformers name).", default="adamw_torch")
 
     # Logging and checkpoints
-    logging_steps: int = _help("Log every N optimizer steps.", default=10)
-    save_steps: int = _help("Checkpoint every N optimizer steps.", default=500)
-    save_total_limit: int = _help("Checkpoints kept (oldest deleted first).", default=2)
-    report_to: str = _help("tensorboard or none.", default="tensorboard")
+    logging_steps: int = setting("Log every N optimizer steps.", default=10)
+    save_steps: int = setting("Checkpoint every N optimizer steps.", default=500)
+    save_total_limit: int = setting("Checkpoints kept (oldest deleted first).", default=2)
+    report_to: str = setting("tensorboard or none.", default="tensorboard")
 
-    lora: LoRAConfig = _help("LoRA settings.", default_factory=LoRAConfig)
+    lora: LoRAConfig = setting("LoRA settings.", default_factory=LoRAConfig)
 
     # Objective (preference tuning runs through TRL: pip install 'sage-finetune-plugin[preference]')
-    method: str = _help(
-        "Training objective: sft (supervised), dpo, orpo or kto (preference tuning).",
+    method: str = setting(
+        "Training objective (`sage finetune methods` lists them): sft (supervised), or "
+        "preference tuning with dpo, orpo or kto (needs TRL). In `run`, a method other than "
+        "the task's is a new stage that continues the task's adapter.",
+        scope=TASK,
         default="sft",
+        flag=Flag("method", commands=("run", "quickstart"), keyword="method"),
     )
-    init_adapter: str | None = _help(
+    init_adapter: str | None = setting(
         "Adapter to continue training instead of a fresh LoRA (a later stage starts from the "
         "task's adapter).",
+        scope=TASK,
         default=None,
     )
-    pref_beta: float = _help(
+    pref_beta: float = setting(
         "dpo/kto: beta, how far the model may move from the reference; orpo: weight of the "
         "odds-ratio term.",
+        scope=TASK,
         default=0.1,
     )
-    pref_ftx: float = _help(
+    pref_ftx: float = setting(
         "dpo: weight of a supervised loss on the chosen answers added to the DPO loss (RPO); "
         "0 for plain DPO.",
+        scope=TASK,
         default=0.0,
     )
-    kto_desirable_weight: float = _help("kto: weight of the desirable examples' loss.", default=1.0)
-    kto_undesirable_weight: float = _help(
-        "kto: weight of the undesirable examples' loss.", default=1.0
+    kto_desirable_weight: float = setting(
+        "kto: weight of the desirable examples' loss.", scope=TASK, default=1.0
+    )
+    kto_undesirable_weight: float = setting(
+        "kto: weight of the undesirable examples' loss.", scope=TASK, default=1.0
     )
 
     # Misc
-    seed: int = _help("Random seed.", default=42)
-    dataloader_num_workers: int = _help("Data-loader worker processes.", default=0)
-    num_threads: int | None = _help("CPU threads for torch (None: torch's default).", default=None)
+    seed: int = setting("Random seed.", default=42)
+    dataloader_num_workers: int = setting("Data-loader worker processes.", default=0)
+    num_threads: int | None = setting(
+        "CPU threads for torch (None: torch's default).", default=None
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -237,8 +364,9 @@ class TrainingConfig:
             raise ConfigError(f"report_to must be tensorboard or none, got {self.report_to!r}.")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"num_threads must be at least 1, got {self.num_threads}.")
-        if self.method not in METHODS:
-            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}.")
+        if self.method not in method_names():
+            known = ", ".join(method_names())
+            raise ConfigError(f"method must be one of {known}, got {self.method!r}.")
         if self.pref_beta <= 0:
             raise ConfigError(f"pref_beta must be positive, got {self.pref_beta}.")
         if self.pref_ftx < 0:
@@ -291,14 +419,7 @@ class TrainingConfig:
     def with_settings(self, settings: Sequence[str]) -> TrainingConfig:
         """A copy with ``KEY=VALUE`` settings applied in order (``lora.r=16``, see
         ``parse_setting``)."""
-        changes: dict[str, Any] = {}
-        for text in settings:
-            key, value = parse_setting(text)
-            if key.startswith("lora."):
-                changes.setdefault("lora", {})[key.removeprefix("lora.")] = value
-            else:
-                changes[key] = value
-        return self.replace(**changes)
+        return self.replace(**_nested(dict(parse_setting(text) for text in settings)))
 
     def with_recipe(self, path: str | os.PathLike[str]) -> TrainingConfig:
         """A copy with the keys of a recipe file (YAML or JSON, the config's own keys, ``lora``
@@ -340,12 +461,102 @@ class TrainingConfig:
 _NULL_WORDS = ("none", "null")
 _TRUE_WORDS = ("true", "yes", "on", "1")
 _FALSE_WORDS = ("false", "no", "off", "0")
+#: ``KEY=VALUE`` pairs are separated by the commas that precede the next ``KEY=``.
+_PAIR_SEPARATOR = re.compile(r",(?=\s*[A-Za-z_][\w.-]*\s*=)")
+
+
+def parse_bool(value: Any) -> bool | None:
+    """A boolean as people write it: true/false, yes/no, on/off, 1/0 (any case, or the Python
+    values); None for anything else. The one rule for ``--set`` values and data labels."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE_WORDS:
+            return True
+        if word in _FALSE_WORDS:
+            return False
+    return None
+
+
+def setting_fields() -> dict[str, dataclasses.Field[Any]]:
+    """Every setting as ``{key: field}``: the TrainingConfig fields and ``lora.<field>``."""
+    top = {f.name: f for f in dataclasses.fields(TrainingConfig) if f.name != "lora"}
+    lora = {f"lora.{f.name}": f for f in dataclasses.fields(LoRAConfig)}
+    return {**top, **lora}
 
 
 def setting_keys() -> list[str]:
     """Every key ``--set`` accepts: the TrainingConfig fields and ``lora.<field>``."""
-    top = [f.name for f in dataclasses.fields(TrainingConfig) if f.name != "lora"]
-    return top + [f"lora.{f.name}" for f in dataclasses.fields(LoRAConfig)]
+    return list(setting_fields())
+
+
+def setting_help(key: str) -> str:
+    return str(setting_fields()[key].metadata["help"])
+
+
+def task_fields() -> tuple[str, ...]:
+    """The top-level settings that describe the task (scope ``TASK``): a preset applied to a
+    task keeps them."""
+    return tuple(
+        key for key, f in setting_fields().items() if "." not in key and f.metadata["scope"] == TASK
+    )
+
+
+def flags(command: str) -> list[tuple[str, Flag]]:
+    """The settings with a named option in ``command`` (``run``, ``quickstart``), in the order
+    the config declares them: ``[(key, flag)]``."""
+    found = []
+    for key, f in setting_fields().items():
+        flag = f.metadata["flag"]
+        if flag is not None and command in flag.commands:
+            found.append((key, flag))
+    return found
+
+
+def apply_flags(config: TrainingConfig, values: Mapping[str, Any]) -> TrainingConfig:
+    """``config`` with the values of named options (``{key: value}``; None and False: not
+    given) applied, with their rules: ``clears`` and ``keeps_ratio`` (see ``Flag``)."""
+    given = {
+        key: value for key, value in values.items() if value is not None and value is not False
+    }
+    if not given:
+        return config
+    fields = setting_fields()
+    changes: dict[str, Any] = {}
+    for key, value in given.items():
+        flag = fields[key].metadata["flag"]
+        if flag is not None:
+            for cleared in flag.clears:
+                if cleared not in given:
+                    changes[cleared] = None
+            if flag.keeps_ratio is not None:
+                owner = key.rpartition(".")[0]
+                other = f"{owner}.{flag.keeps_ratio}" if owner else flag.keeps_ratio
+                if other not in given:
+                    old = _value(config, key)
+                    scaled = _value(config, other) * value / old
+                    changes[other] = max(1, round(scaled))
+        changes[key] = value
+    return config.replace(**_nested(changes))
+
+
+def _value(config: TrainingConfig, key: str) -> Any:
+    owner, _, name = key.rpartition(".")
+    return getattr(getattr(config, owner) if owner else config, name)
+
+
+def _nested(changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"lora.r": 4}`` as ``{"lora": {"r": 4}}`` (for ``TrainingConfig.replace``)."""
+    nested: dict[str, Any] = {}
+    for key, value in changes.items():
+        if key.startswith("lora."):
+            nested.setdefault("lora", {})[key.removeprefix("lora.")] = value
+        else:
+            nested[key] = value
+    return nested
 
 
 def parse_setting(text: str) -> tuple[str, Any]:
@@ -360,19 +571,24 @@ def parse_setting(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     key, raw = key.strip(), raw.strip()
     if not sep or not key:
-        raise ConfigError(f"Setting {text!r} is not KEY=VALUE (for example lora.r=16).")
+        raise ConfigError(f"Setting {text!r} is not KEY=VALUE (for example `lora.r=16`).")
     keys = setting_keys()
     if key not in keys:
         close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
         hint = f" Did you mean {' or '.join(close)}?" if close else ""
         raise ConfigError(f"Unknown setting {key!r}.{hint} Known keys: {', '.join(keys)}.")
+    return key, parse_value(key, raw)
+
+
+def parse_value(key: str, raw: str) -> Any:
+    """The text ``raw`` as a value of the setting ``key`` (see ``parse_setting``)."""
     owner = LoRAConfig if key.startswith("lora.") else TrainingConfig
     hint = typing.get_type_hints(owner)[key.removeprefix("lora.")]
-    return key, _typed(key, raw, hint)
+    return _typed(key, raw, hint)
 
 
 def _typed(key: str, raw: str, hint: Any) -> Any:
-    allowed = _allowed_types(hint) or (str,)
+    allowed = allowed_types(hint) or (str,)
     word = raw.lower()
     if type(None) in allowed and word in _NULL_WORDS:
         return None
@@ -383,11 +599,8 @@ def _typed(key: str, raw: str, hint: Any) -> Any:
         return ALL_LINEAR if names == [ALL_LINEAR] else names
     if dict in allowed:
         return parse_mapping(raw, key)
-    if bool in allowed:
-        if word in _TRUE_WORDS:
-            return True
-        if word in _FALSE_WORDS:
-            return False
+    if bool in allowed and (flag := parse_bool(raw)) is not None:
+        return flag
     if int in allowed and float not in allowed:
         with contextlib.suppress(ValueError):
             return int(raw)
@@ -402,8 +615,15 @@ def _typed(key: str, raw: str, hint: Any) -> Any:
     raise ConfigError(f"{key} must be {wanted}, got {raw!r}.")
 
 
-def parse_mapping(text: str, what: str) -> dict[str, str]:
-    """``"a=b,c=d"`` (or a JSON object of strings) as a dict; ConfigError naming ``what``."""
+def parse_mapping(text: str | Sequence[str], what: str) -> dict[str, str]:
+    """``"a=b,c=d"`` (or a JSON object of strings, or several such texts) as a dict;
+    ConfigError naming ``what``. A comma belongs to the value unless a ``KEY=`` follows it
+    (``name=Smith, John`` is one pair); values may be empty."""
+    if not isinstance(text, str):
+        merged: dict[str, str] = {}
+        for item in text:
+            merged.update(parse_mapping(item, what))
+        return merged
     if text.strip().startswith("{"):
         try:
             value = json.loads(text)
@@ -413,13 +633,11 @@ def parse_mapping(text: str, what: str) -> dict[str, str]:
             return value
         raise ConfigError(f"{what} must be a JSON object of strings, got {text!r}.")
     mapping = {}
-    for item in filter(str.strip, text.split(",")):
+    for item in _PAIR_SEPARATOR.split(text):
         key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
+        if not sep or not key.strip():
             raise ConfigError(f"{what} takes KEY=VALUE pairs separated by commas, got {item!r}.")
         mapping[key.strip()] = value.strip()
-    if not mapping:
-        raise ConfigError(f"{what} takes KEY=VALUE pairs separated by commas, got {text!r}.")
     return mapping
 
 
@@ -480,7 +698,7 @@ def _check_types(obj: Any) -> None:
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        allowed = _allowed_types(hints[f.name])
+        allowed = allowed_types(hints[f.name])
         if allowed is None:
             continue
         ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
@@ -489,10 +707,10 @@ def _check_types(obj: Any) -> None:
             raise ConfigError(f"{f.name} must be {wanted}, got {value!r}.")
 
 
-def _allowed_types(hint: Any) -> tuple[type, ...] | None:
+def allowed_types(hint: Any) -> tuple[type, ...] | None:
     """Runtime types accepted for a field's annotation (None: do not check)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        parts = [_allowed_types(arg) for arg in typing.get_args(hint)]
+        parts = [allowed_types(arg) for arg in typing.get_args(hint)]
         if any(p is None for p in parts):
             return None
         return tuple(t for p in parts for t in p)  # type: ignore[union-attr]

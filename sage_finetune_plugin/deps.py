@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
+import logging
 import re
 import sys
+from collections.abc import Iterator
 
 from .errors import DependencyError
 
@@ -27,7 +30,7 @@ OPTIONAL = {
 def require(*modules: str) -> None:
     """Raise DependencyError naming every missing package and how to install it."""
     wanted = modules or tuple(TRAINING_STACK)
-    missing = [m for m in wanted if not _installed(m)]
+    missing = [m for m in wanted if not installed(m)]
     if missing:
         pip_names = " ".join(TRAINING_STACK.get(m, m) for m in missing)
         raise DependencyError(
@@ -41,7 +44,7 @@ def require_optional(module: str) -> None:
     """Raise DependencyError, in one line saying what to install, when the optional package
     ``module`` is missing or older than the plugin needs."""
     oldest, purpose, extra = OPTIONAL[module]
-    found = _version(module) if _installed(module) else None
+    found = _version(module) if installed(module) else None
     if found is not None and _numbers(found) >= _numbers(oldest):
         return
     where = f"found {module} {found}" if found else f"{module} is not installed"
@@ -51,7 +54,8 @@ def require_optional(module: str) -> None:
     )
 
 
-def _installed(module: str) -> bool:
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it)."""
     try:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):  # a blocked or half-installed package
@@ -70,12 +74,37 @@ def _numbers(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
-def hide_bitsandbytes() -> bool:
-    """Keep bitsandbytes out of this process, for a run that does not use it: peft imports it
-    whenever it is installed, and its CPU backend compiles kernels as it loads (1.5-2.5 s of a
-    run's start here). Afterwards ``import bitsandbytes`` fails and ``find_spec`` finds nothing,
-    so peft and transformers go on without it. False (nothing done) if it is already imported."""
+def quiet_bitsandbytes() -> None:
+    """bitsandbytes warns at import time that an optional CPU kernel package is missing: keep
+    its logging to errors."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+#: Availability checks that remember whether bitsandbytes could be imported.
+_AVAILABILITY_CHECKS = ("peft.import_utils", "transformers.utils.import_utils", "accelerate.utils")
+_CHECK_NAME = re.compile(r"^is_(bnb|bitsandbytes)\w*_available$")
+
+
+@contextlib.contextmanager
+def without_bitsandbytes() -> Iterator[bool]:
+    """Keep bitsandbytes out of this process while the block runs, for a run that does not
+    use it: peft imports it whenever it is installed, and its CPU backend compiles kernels as
+    it loads (1.5-2.5 s of a run's start here). Meanwhile ``import bitsandbytes`` fails and
+    ``find_spec`` finds nothing, so peft and transformers go on without it; afterwards it is
+    importable again and their cached checks are forgotten, so a later quantized run in the
+    same process finds it. Yields False (nothing done) if it is already imported."""
     if "bitsandbytes" in sys.modules:
-        return False
+        yield False
+        return
     sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
-    return True
+    try:
+        yield True
+    finally:
+        if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+            del sys.modules["bitsandbytes"]
+        for name in _AVAILABILITY_CHECKS:
+            module = sys.modules.get(name)
+            for attribute in dir(module) if module is not None else ():
+                check = getattr(module, attribute)
+                if _CHECK_NAME.match(attribute) and hasattr(check, "cache_clear"):
+                    check.cache_clear()

@@ -7,6 +7,8 @@ usage error. Nothing here imports click.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class FinetuneError(Exception):
     """Base class: a problem the user can act on (never a bug in the plugin)."""
@@ -53,9 +55,15 @@ class OutOfMemoryError(TrainingError):
 
 
 class TrainingInterrupted(TrainingError):
-    """Training stopped on Ctrl-C / SIGTERM; the message says how to resume (exit code 130)."""
+    """Training stopped on Ctrl-C / SIGTERM; the message says how to resume (exit code 130).
+    ``outcome``: what the run did until it stopped (a ``TrainOutcome``), when it stopped at the
+    end of a step."""
 
     exit_code = 130
+
+    def __init__(self, message: str, outcome: Any = None) -> None:
+        super().__init__(message)
+        self.outcome = outcome
 
 
 class EvaluationInterrupted(FinetuneError):
@@ -78,6 +86,10 @@ class ExportError(FinetuneError):
 
 class ServeError(FinetuneError):
     """A serving engine cannot be started, or stopped before it was ready."""
+
+
+class PluginError(FinetuneError):
+    """A third-party unit (a training method registered by another package) cannot be used."""
 
 
 def first_line(exc: BaseException) -> str:

@@ -9,7 +9,8 @@ model's numbers cached per base model, data and settings) written atomically -> 
 ``eval`` key, which ``list`` shows.
 
 Progress goes to ``progress`` (an EvalProgress per batch) and ``status`` (one line per
-stage); nothing prints. Imports nothing heavy at module level.
+stage); nothing prints. What to evaluate is an ``EvalOptions``. Imports nothing heavy at
+module level.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .deps import require
 from .errors import DataError, EvaluationInterrupted, TaskError, UsageProblem
 from .models import quiet_deprecations
 from .paths import EVAL_DIR, atomic_directory
+from .progress import Progress, ProgressSink, Status
 from .scoring.inference import Answer
 from .scoring.report import EvalReport, markdown, metric_rows, model_metrics, score_answers
 from .task import Task
@@ -51,23 +53,55 @@ BASE_CACHES_KEPT = 4
 CACHE_VERSION = 1
 SPLITS = ("eval", "train")
 
-Status = Callable[[str], None]
-
 
 @dataclass
-class EvalProgress:
+class EvalProgress(Progress):
     """A progress report: ``event`` is start, step (a batch finished) or end; ``stage`` is
     loss or answers; ``model`` is base or tuned."""
 
-    event: str
-    model: str
-    stage: str
-    done: int
-    total: int
+    unit: str = "sample"
+    model: str = ""
+    stage: str = ""
     samples_per_second: float = 0.0
 
+    def postfix(self) -> dict[str, str]:
+        return {"samples/s": f"{self.samples_per_second:.1f}"}
 
-Progress = Callable[[EvalProgress], None]
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What to evaluate. ``data`` is any file the data layer reads (else the task's held-out
+    split, or with ``split="train"`` its training part). The loss covers every selected
+    sample; answers are generated for the first ``max_samples`` (None: all), at most
+    ``max_new_tokens`` each (None: twice the longest reference, 32 to 512). ``base=False``
+    skips evaluating the base model (its cached numbers are still used); ``tuned=False``
+    evaluates the base alone (an untrained task works). ``checkpoint``: the tuned model, final
+    (the merged model if any, else the adapter), latest or a step number."""
+
+    data: str | os.PathLike[str] | None = None
+    split: str = "eval"
+    max_samples: int | None = DEFAULT_MAX_SAMPLES
+    max_new_tokens: int | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    base: bool = True
+    tuned: bool = True
+    checkpoint: str | int = "final"
+    skip_invalid: bool = False
+
+    def check(self) -> None:
+        """UsageProblem for values or combinations that cannot be evaluated."""
+        if self.split not in SPLITS:
+            raise UsageProblem(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}.")
+        if self.data is not None and self.split != "eval":
+            raise UsageProblem("split chooses part of the task's data; data is evaluated whole.")
+        if not (self.base or self.tuned):
+            raise UsageProblem(
+                "base=False and tuned=False cannot be combined: nothing to evaluate."
+            )
+        for name in ("max_samples", "max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageProblem(f"{name} must be at least 1, got {value}.")
 
 
 # --- the evaluation ---------------------------------------------------------------------------
@@ -75,55 +109,32 @@ Progress = Callable[[EvalProgress], None]
 
 def evaluate_task(
     task: Task | str | os.PathLike[str],
+    options: EvalOptions | None = None,
     *,
     root: str | os.PathLike[str] | None = None,
-    data: str | os.PathLike[str] | None = None,
-    split: str = "eval",
-    max_samples: int | None = DEFAULT_MAX_SAMPLES,
-    max_new_tokens: int | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    base: bool = True,
-    tuned: bool = True,
-    checkpoint: str | int = "final",
-    skip_invalid: bool = False,
-    progress: Progress | None = None,
+    progress: ProgressSink | None = None,
     status: Status | None = None,
     hardware: Hardware | None = None,
+    **values: Any,
 ) -> EvalReport:
     """Evaluate the task's fine-tuned model and its base model on held-out data.
 
-    ``data`` is any file the data layer reads (else the task's held-out split, or with
-    ``split="train"`` its training part). The loss covers every selected sample; answers are
-    generated for the first ``max_samples`` (None: all), at most ``max_new_tokens`` each
-    (None: twice the longest reference, 32 to 512). ``base=False`` skips evaluating the base
-    model (its cached numbers are still used); ``tuned=False`` evaluates the base alone (an
-    untrained task works). Writes ``TASK/eval`` and the meta's ``eval`` key. Raises
-    LockError while a run holds the task, TaskError when there is no trained model,
+    ``options`` (an EvalOptions, or its fields as keywords: ``data``, ``split``,
+    ``max_samples``, ``max_new_tokens``, ``batch_size``, ``base``, ``tuned``, ``checkpoint``,
+    ``skip_invalid``) say what to evaluate. Writes ``TASK/eval`` and the meta's ``eval`` key.
+    Raises LockError while a run holds the task, TaskError when there is no trained model,
     DataError for unusable data, EvaluationInterrupted on Ctrl-C (nothing written).
     """
+    options = options or EvalOptions(**values)
+    options.check()
     say = status or (lambda _message: None)
     task = Task.of(task, root)
-    _check_options(data, split, max_samples, max_new_tokens, batch_size, base, tuned)
     require("rouge_score")
     task.lock().check()  # a run in progress rewrites the adapter and the meta
-    if tuned:
-        _check_trained(task, checkpoint)
+    if options.tuned:
+        _check_trained(task, options.checkpoint)
     with _interruptible(task):
-        return _evaluate(
-            task,
-            data=data,
-            split=split,
-            max_samples=max_samples,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            base=base,
-            tuned=tuned,
-            checkpoint=checkpoint,
-            skip_invalid=skip_invalid,
-            progress=progress or (lambda _report: None),
-            say=say,
-            hardware=hardware,
-        )
+        return _evaluate(task, options, progress or (lambda _event: None), say, hardware)
 
 
 @contextlib.contextmanager
@@ -142,17 +153,8 @@ def _interruptible(task: Task) -> Iterator[None]:
 
 def _evaluate(
     task: Task,
-    *,
-    data: str | os.PathLike[str] | None,
-    split: str,
-    max_samples: int | None,
-    max_new_tokens: int | None,
-    batch_size: int,
-    base: bool,
-    tuned: bool,
-    checkpoint: str | int,
-    skip_invalid: bool,
-    progress: Progress,
+    options: EvalOptions,
+    progress: ProgressSink,
     say: Status,
     hardware: Hardware | None,
 ) -> EvalReport:
@@ -162,33 +164,33 @@ def _evaluate(
 
     runtime = inference_runtime(hardware)
     config = task.recorded_config(resume=True)  # the config the last run trained with
-    source = _source(task, config, data, split)
-    loaded = load_training_data(source.path, source.format, skip_invalid=skip_invalid)
+    source = _source(task, config, options.data, options.split)
+    loaded = load_training_data(source.path, source.format, skip_invalid=options.skip_invalid)
     say(f"Loading the tokenizer of {task.base_model}")
     tokenizer = load_tokenizer(task.base_model, trust_remote_code=task.trust_remote_code)
     samples, description = _eval_set(task, config, source, loaded, tokenizer)
-    asked = [s for s in samples if s.prompt_ids is not None][: max_samples or None]
-    limit = max_new_tokens or _auto_new_tokens(tokenizer, asked)
+    asked = [s for s in samples if s.prompt_ids is not None][: options.max_samples or None]
+    limit = options.max_new_tokens or _auto_new_tokens(tokenizer, asked)
     key = _base_key(task, runtime, samples, asked, limit)
     folder = task.path / EVAL_DIR
     cached = _read_base_cache(folder, key)
     if cached is not None:
         say(f"Base model numbers from the cache ({folder / _cache_name(key)})")
 
-    run = _ModelRun(samples, asked, tokenizer, limit, batch_size, progress)
+    run = _ModelRun(samples, asked, tokenizer, limit, options.batch_size, progress)
     sides: dict[str, _SideResult] = {}
     models: dict[str, str] = {}
     label = None
-    if tuned:
-        chat = load_chat_model(task, checkpoint=checkpoint, progress=say, hardware=hardware)
+    if options.tuned:
+        chat = load_chat_model(task, checkpoint=options.checkpoint, status=say, hardware=hardware)
         models["tuned"] = chat.description
-        label = _checkpoint_label(task, checkpoint, chat)
+        label = _checkpoint_label(task, options.checkpoint, chat)
         sides["tuned"] = run(chat, "tuned")
         _release(chat)
     if cached is not None:
         sides["base"], models["base"] = cached
-    elif base:
-        chat = load_chat_model(task, base=True, progress=say, hardware=hardware)
+    elif options.base:
+        chat = load_chat_model(task, base=True, status=say, hardware=hardware)
         models["base"] = task.base_model
         sides["base"] = run(chat, "base")
         _release(chat)
@@ -217,9 +219,9 @@ def _evaluate(
             for n, sample in enumerate(asked)
         ],
         settings={
-            "split": None if data is not None else split,
-            "max_samples": max_samples,
-            "batch_size": batch_size,
+            "split": None if options.data is not None else options.split,
+            "max_samples": options.max_samples,
+            "batch_size": options.batch_size,
             "device": runtime.device,
             "dtype": runtime.dtype_name,
             "base_cache_key": key,
@@ -232,30 +234,6 @@ def _evaluate(
     return report
 
 
-def _check_options(
-    data: Any,
-    split: str,
-    max_samples: int | None,
-    max_new_tokens: int | None,
-    batch_size: int,
-    base: bool,
-    tuned: bool,
-) -> None:
-    if split not in SPLITS:
-        raise UsageProblem(f"split must be one of {', '.join(SPLITS)}, got {split!r}.")
-    if data is not None and split != "eval":
-        raise UsageProblem("--split chooses part of the task's data; --data is evaluated whole.")
-    if not (base or tuned):
-        raise UsageProblem("--base-only and --no-base cannot be combined: nothing to evaluate.")
-    for name, value in (
-        ("max_samples", max_samples),
-        ("max_new_tokens", max_new_tokens),
-        ("batch_size", batch_size),
-    ):
-        if value is not None and value < 1:
-            raise UsageProblem(f"{name} must be at least 1, got {value}.")
-
-
 def _check_trained(task: Task, checkpoint: str | int) -> None:
     """Fail before anything loads when the tuned model does not exist."""
     from .models import is_model_dir
@@ -266,7 +244,7 @@ def _check_trained(task: Task, checkpoint: str | int) -> None:
     try:
         task.find_adapter(checkpoint)
     except TaskError as exc:
-        raise TaskError(f"{exc} To measure the base model alone, pass --base-only.") from None
+        raise TaskError(f"{exc} To measure the base model alone, pass tuned=False.") from None
 
 
 def _checkpoint_label(task: Task, checkpoint: str | int, chat: ChatModel) -> str:
@@ -299,7 +277,8 @@ def _source(
         return _Source(config.eval_data_path, config.data_format, None, f"{shown} (eval data)")
     if not config.data_path:
         raise DataError(
-            f"Task {task.name!r} names no training data (data_path): evaluate a file with --data."
+            f"Task {task.name!r} names no training data (data_path): evaluate a file with "
+            "data=FILE."
         )
     shown = _shown(task, config.data_path)
     if split == "train":
@@ -313,8 +292,8 @@ def _source(
 def _no_held_out(task: Task, why: str) -> str:
     return (
         f"Task {task.name!r} has no held-out data ({why}; no eval_data_path): evaluate a "
-        f"file with --data FILE, or hold some out by training with `sage finetune run "
-        f"{task.name} --set eval_ratio=0.1` (or set eval_data_path)."
+        f"file with data=FILE, or hold some out by training with eval_ratio=0.1 (or set "
+        "eval_data_path)."
     )
 
 
@@ -397,7 +376,7 @@ class _ModelRun:
     tokenizer: Any
     max_new_tokens: int
     batch_size: int
-    progress: Progress
+    progress: ProgressSink
 
     def __call__(self, chat: ChatModel, name: str) -> _SideResult:
         from .data import make_collator
@@ -431,7 +410,7 @@ class _ModelRun:
 class _Stage:
     """Reports a stage's start, each finished batch (with samples/s) and its end."""
 
-    def __init__(self, progress: Progress, model: str, stage: str, total: int) -> None:
+    def __init__(self, progress: ProgressSink, model: str, stage: str, total: int) -> None:
         self.progress, self.model, self.stage, self.total = progress, model, stage, total
         self.done = 0
         self.started = time.monotonic()
@@ -451,7 +430,17 @@ class _Stage:
     def _send(self, event: str) -> None:
         elapsed = time.monotonic() - self.started
         rate = self.done / elapsed if elapsed > 0 else 0.0
-        self.progress(EvalProgress(event, self.model, self.stage, self.done, self.total, rate))
+        self.progress(
+            EvalProgress(
+                event,
+                self.done,
+                self.total,
+                label=f"{self.model} {self.stage}",
+                model=self.model,
+                stage=self.stage,
+                samples_per_second=rate,
+            )
+        )
 
 
 def _release(chat: ChatModel) -> None:
@@ -535,4 +524,4 @@ def _write(report: EvalReport, base_entry: tuple[str, _SideResult, str] | None) 
         (staging / "report.md").write_text(markdown(report), encoding="utf-8")
 
 
-__all__ = ["EvalProgress", "EvalReport", "evaluate_task", "metric_rows"]
+__all__ = ["EvalOptions", "EvalProgress", "EvalReport", "evaluate_task", "metric_rows"]

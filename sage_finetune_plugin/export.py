@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import os
 import shlex
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import ExportError, FinetuneError, UsageProblem, first_line
 from .paths import EXPORT_DIR, atomic_file, atomic_write_text
+from .progress import Progress, ProgressSink, Status
 from .task import Task
 from .templates import end_of_turn_id, ensure_chat_template, stop_token_ids
 
@@ -46,9 +47,19 @@ LLAMA3_SPLIT = (
 # llama.cpp token types
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
-Progress = Callable[[str], None]
 #: Called after each tensor is written: (tensors done, tensors in all, GGUF name).
-TensorProgress = Callable[[int, int, str], None]
+
+
+@dataclass
+class TensorProgress(Progress):
+    """A tensor written (``done`` of ``total``), and its name."""
+
+    label: str = "export"
+    unit: str = "tensor"
+    tensor: str = ""
+
+    def postfix(self) -> dict[str, str]:
+        return {"tensor": self.tensor}
 
 
 @dataclass
@@ -82,21 +93,22 @@ def export_task(
     quant: str = "f16",
     output: str | os.PathLike[str] | None = None,
     force: bool = False,
-    progress: Progress | None = None,
-    tensor_progress: TensorProgress | None = None,
+    status: Status | None = None,
+    progress: ProgressSink | None = None,
 ) -> ExportResult:
     """Write ``<output>/<task>-<quant>.gguf`` (default output: ``<task>/export``) and its
     Ollama Modelfile ``<task>-<quant>.Modelfile`` from the task's merged model.
 
-    Raises TaskError for a task without a trained model, ExportError for an architecture or
-    tokenizer this export does not know, or an existing export without ``force``. An
-    interrupted export leaves no file behind and an existing one untouched.
+    ``status`` receives a line per stage, ``progress`` an event per tensor written. Raises
+    TaskError for a task without a trained model, ExportError for an architecture or tokenizer
+    this export does not know, or an existing export without ``force``. An interrupted export
+    leaves no file behind and an existing one untouched.
     """
     if format not in FORMATS:
         raise UsageProblem(f"Unknown export format {format!r}: use {', '.join(FORMATS)}.")
     if quant not in QUANTS:
         raise UsageProblem(f"Unknown quantization {quant!r}: use one of {', '.join(QUANTS)}.")
-    report = progress or (lambda _message: None)
+    report = status or (lambda _message: None)
     task = Task.of(task, root)
     folder = Path(output).expanduser() if output else task.path / EXPORT_DIR
     stem = f"{task.name}-{quant}"
@@ -106,11 +118,11 @@ def export_task(
 
     from .merge import merged_model
 
-    model_dir = merged_model(task, progress=report)
+    model_dir = merged_model(task, status=report)
     source = _Source.read(model_dir)
     report(f"Writing {target} ({source.model_type}, {quant})")
     with atomic_file(target, replace=force) as tmp:
-        count = _write_gguf(source, tmp, quant, task.name, tensor_progress)
+        count = _write_gguf(source, tmp, quant, task.name, progress)
     atomic_write_text(modelfile, modelfile_text(source, target.name, task.system_prompt))
     return ExportResult(
         path=target.resolve(),
@@ -129,7 +141,7 @@ def _check_targets(paths: list[Path], force: bool) -> None:
         if path.is_dir():
             raise ExportError(f"{path} is a folder: choose another output folder with -o.")
         if path.exists() and not force:
-            raise ExportError(f"{path} already exists: pass --force to replace it.")
+            raise ExportError(f"{path} already exists: pass force=True to replace it.")
 
 
 def _check_base_model(task: Task) -> None:
@@ -278,7 +290,7 @@ class _Tensor:
 
 
 def _write_gguf(
-    source: _Source, path: Path, quant: str, name: str, tensor_progress: TensorProgress | None
+    source: _Source, path: Path, quant: str, name: str, progress: ProgressSink | None
 ) -> int:
     """Metadata first, then each tensor converted and written in turn (one in memory at a
     time). Returns the number of tensors."""
@@ -297,8 +309,8 @@ def _write_gguf(
         writer.write_ti_data_to_file()
         for index, tensor in enumerate(tensors, start=1):
             writer.write_tensor_data(_converted(tensor))
-            if tensor_progress is not None:
-                tensor_progress(index, len(tensors), tensor.name)
+            if progress is not None:
+                progress(TensorProgress("step", index, len(tensors), tensor=tensor.name))
     finally:
         writer.close()
     return len(tensors)

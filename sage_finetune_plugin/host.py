@@ -22,8 +22,8 @@ from typing import Any
 
 COMMAND = "finetune"
 HELP = (
-    "Fine-tune small language models with LoRA / QLoRA "
-    "(quickstart, run, list, eval, merge, chat, export, serve)."
+    "Fine-tune small language models with LoRA / QLoRA (quickstart, run, list, cancel, "
+    "delete, merge, chat, eval, export, serve, methods)."
 )
 
 

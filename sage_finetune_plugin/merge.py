@@ -16,16 +16,20 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .adapters import adapter_for
 from .errors import MergeError, ModelError, first_line
-from .models import quiet_deprecations
+from .meta import TaskStatus
 from .paths import MERGED_DIR, atomic_directory
+from .progress import Status
 from .task import Task
 from .templates import stop_token_ids
+
+if TYPE_CHECKING:
+    from .adapters.base import Adapter
 
 #: ``--dtype`` names -> torch dtype names.
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -39,8 +43,6 @@ VERIFY_PROMPTS = (
     "What is the capital of France?",
 )
 DEFAULT_SHARD_SIZE = "2GB"
-
-Progress = Callable[[str], None]
 
 
 @dataclass
@@ -79,7 +81,7 @@ def merge_task(
     dtype: str | None = None,
     force: bool = False,
     max_shard_size: str | int = DEFAULT_SHARD_SIZE,
-    progress: Progress | None = None,
+    status: Status | None = None,
 ) -> MergeResult:
     """Merge a task's adapter into its base model and save a self-contained model folder.
 
@@ -88,7 +90,7 @@ def merge_task(
     base model, the adapter or the output folder is unusable, or when the saved model's
     logits do not match base + adapter. The merge runs on the CPU in full precision.
     """
-    report = progress or (lambda _message: None)
+    report = status or (lambda _message: None)
     task = Task.of(task, root)
     task.lock().check()  # a run in progress rewrites the adapter and the meta
     adapter_dir, label = task.find_adapter(checkpoint)
@@ -106,11 +108,12 @@ def merge_task(
     dtype = dtype or _dtype_name(model.dtype)
     tokenizer = load_adapter_tokenizer(adapter_dir, base_name, trust_remote_code=trust)
     report(f"Applying adapter {adapter_dir} ({label})")
-    model = _apply_adapter(model, adapter_dir, base_name)
+    unit = adapter_for(task.meta.training)
+    model = _apply_adapter(unit, model, adapter_dir, base_name)
     inputs = _verify_inputs(tokenizer)
     reference = _logits(model, inputs)
     report("Merging the adapter into the base weights")
-    merged = _merge(model, tokenizer)
+    merged = _merge(unit, model, tokenizer)
     del model
 
     with atomic_directory(target, replace=True) as staging:
@@ -130,7 +133,9 @@ def merge_task(
         tolerance=tolerance,
         base_model=base_name,
     )
-    task.update(status="merged", merged_path=_meta_path(target, task.path), merge=result.to_meta())
+    task.update(
+        status=TaskStatus.MERGED, merged_path=_meta_path(target, task.path), merge=result.to_meta()
+    )
     return result
 
 
@@ -138,13 +143,13 @@ def merged_model(
     task: Task | str | os.PathLike[str],
     *,
     root: str | os.PathLike[str] | None = None,
-    progress: Progress | None = None,
+    status: Status | None = None,
 ) -> Path:
     """The folder of the task's merged model, for the commands that use the model outside this
     plugin (export, serve). The final adapter is merged first when the task has no merged model
-    yet, or when the one it has is older than the adapter (trained again since); progress says
-    so. Raises TaskError when the task has neither."""
-    report = progress or (lambda _message: None)
+    yet, or when the one it has is older than the adapter (trained again since); ``status``
+    says so. Raises TaskError when the task has neither."""
+    report = status or (lambda _message: None)
     task = Task.of(task, root)
     state = task.merged_state()
     if state == "current":
@@ -156,7 +161,7 @@ def merged_model(
         task.find_adapter("final")  # TaskError when there is nothing to merge
         why = f"Task {task.name!r} has no merged model yet: merging the adapter first."
     report(why)
-    return merge_task(task, output=task.merged_dir, force=True, progress=report).output
+    return merge_task(task, output=task.merged_dir, force=True, status=report).output
 
 
 def _check_target(target: Path, task_dir: Path, adapter_dir: Path, force: bool) -> None:
@@ -164,18 +169,18 @@ def _check_target(target: Path, task_dir: Path, adapter_dir: Path, force: bool) 
     for keep in (task_dir.resolve(), adapter_dir.resolve()):
         if resolved == keep or resolved in keep.parents:
             raise MergeError(
-                f"Refusing to write the merged model over {target}: choose another --output."
+                f"Refusing to write the merged model over {target}: choose another output."
             )
     if not target.exists():
         return
     if not target.is_dir():
-        raise MergeError(f"{target} exists and is not a folder: choose another --output.")
+        raise MergeError(f"{target} exists and is not a folder: choose another output.")
     if not force:
-        raise MergeError(f"{target} already exists: pass --force to replace it.")
+        raise MergeError(f"{target} already exists: pass force=True to replace it.")
     if any(target.iterdir()) and not (target / "config.json").is_file():
         raise MergeError(
-            f"Refusing to replace {target} with --force: it is not a model folder "
-            "(no config.json). Choose another --output."
+            f"Refusing to replace {target} with force=True: it is not a model folder "
+            "(no config.json). Choose another output."
         )
 
 
@@ -208,21 +213,18 @@ def _load_full_precision(base_path: Path, dtype: str | None, trust: bool) -> Any
     return model
 
 
-def _apply_adapter(model: Any, adapter_dir: Path, base_name: str) -> Any:
-    from peft import PeftModel
-
+def _apply_adapter(unit: Adapter, model: Any, adapter_dir: Path, base_name: str) -> Any:
     try:
-        with quiet_deprecations():
-            return PeftModel.from_pretrained(model, adapter_dir).eval()
+        return unit.apply(model, adapter_dir)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise MergeError(
             f"The adapter at {adapter_dir} does not load onto {base_name}: {first_line(exc)}"
         ) from None
 
 
-def _merge(model: Any, tokenizer: Any) -> Any:
+def _merge(unit: Adapter, model: Any, tokenizer: Any) -> Any:
     try:
-        merged = model.merge_and_unload(safe_merge=True)
+        merged = unit.merge(model, safe=True)
     except ValueError as exc:  # safe_merge found NaNs: the adapter is broken
         raise MergeError(f"Merging failed: {first_line(exc)}") from None
     # The merged weights are full precision whatever the training copy was.
@@ -276,7 +278,7 @@ def _verify(
         raise MergeError(
             f"The merged model does not reproduce base + adapter: max logit difference "
             f"{max_diff:.3g} > tolerance {tolerance:.3g} ({dtype}). Nothing was written; "
-            "try --dtype fp32, or report the model and adapter."
+            "try dtype=fp32, or report the model and adapter."
         )
     return max_diff, tolerance
 

@@ -21,17 +21,38 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+from .config import allowed_types
 from .errors import MetaError
 from .paths import META_FILENAME, atomic_write_text
 
 SCHEMA_VERSION = 1
-STATUSES = ("prepared", "training", "interrupted", "failed", "trained", "merged")
+
+
+class TaskStatus(StrEnum):
+    """Where a task stands; the values are what ``finetune_meta.json`` holds. A stage of the
+    task (``stages``) has one too."""
+
+    PREPARED = "prepared"
+    TRAINING = "training"
+    INTERRUPTED = "interrupted"
+    FAILED = "failed"
+    TRAINED = "trained"
+    MERGED = "merged"
+
+
+STATUSES = tuple(TaskStatus)
+#: Statuses of a task whose checkpoints belong to a run that did not finish.
+UNFINISHED = (TaskStatus.TRAINING, TaskStatus.INTERRUPTED, TaskStatus.FAILED)
+#: Statuses of a task with a trained adapter.
+DONE = (TaskStatus.TRAINED, TaskStatus.MERGED)
 
 
 def now_iso() -> str:
@@ -57,7 +78,7 @@ class TaskMeta:
     plugin_version: str = __version__
     created_at: str = field(default_factory=now_iso)
     updated_at: str = field(default_factory=now_iso)
-    status: str = "prepared"
+    status: str = TaskStatus.PREPARED
     preset: str | None = None
     #: Prepared samples, training and evaluation together.
     num_samples: int | None = None
@@ -136,39 +157,24 @@ class TaskMeta:
         return step if isinstance(step, int) else None
 
 
-_TYPES: dict[str, type | tuple[type, ...]] = {
-    "task_type": str,
-    "model": str,
-    "framework": str,
-    "format": str,
-    "dataset": str,
-    "config": str,
-    "output_dir": str,
-    "code_root": str,
-    "data_file": str,
-    "schema_version": int,
-    "plugin_version": str,
-    "created_at": str,
-    "updated_at": str,
-    "status": str,
-    "preset": str,
-    "num_samples": int,
-    "data_stats": dict,
-    "training": dict,
-    "metrics": dict,
-    "eval": dict,
-    "progress": dict,
-    "adapter_path": str,
-    "merged_path": str,
-    "merge": dict,
-    "stages": list,
-}
+def _field_types() -> dict[str, tuple[type, ...]]:
+    """The JSON types each meta key may hold, from the TaskMeta annotations."""
+    hints = typing.get_type_hints(TaskMeta)
+    types = {}
+    for f in dataclasses.fields(TaskMeta):
+        allowed = allowed_types(hints[f.name])
+        if f.name != "extra" and allowed is not None:
+            types[f.name] = tuple(t for t in allowed if t is not type(None))
+    return types
+
+
+_TYPES = _field_types()
 _NULLABLE = {f.name for f in dataclasses.fields(TaskMeta) if f.default is None}
 
 
-def _type_name(expected: type | tuple[type, ...]) -> str:
+def _type_name(expected: tuple[type, ...]) -> str:
     names = {"str": "a string", "int": "an integer", "dict": "an object", "list": "an array"}
-    return names.get(getattr(expected, "__name__", ""), str(expected))
+    return " or ".join(names.get(t.__name__, t.__name__) for t in expected)
 
 
 def meta_path(task_dir: Path) -> Path:

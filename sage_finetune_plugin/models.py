@@ -343,8 +343,8 @@ def _check_remote_code(folder: Path, name: str, trust_remote_code: bool) -> None
     if config.get("model_type") not in CONFIG_MAPPING_NAMES:
         raise ModelError(
             f"{name} runs its own Python code (auto_map in config.json, model type "
-            f"{config.get('model_type')!r} unknown to transformers): pass --trust-remote-code "
-            "(trust_remote_code=True) only if you trust its author."
+            f"{config.get('model_type')!r} unknown to transformers): set "
+            "trust_remote_code=True only if you trust its author."
         )
 
 

@@ -27,8 +27,6 @@ META_FILENAME = "finetune_meta.json"
 DATASET_FILE = "data/train.jsonl"
 CONFIG_FILE = "training_config.json"
 PREPARED_CACHE = ".cache/prepared"
-#: Rendered preference data (kept apart from PREPARED_CACHE, whose entries are pruned).
-PREFERENCE_CACHE = ".cache/preference"
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"

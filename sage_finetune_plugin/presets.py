@@ -13,36 +13,20 @@ import difflib
 import typing
 from dataclasses import dataclass
 
-from .config import DEFAULT_MODEL, LARGE_MODEL, SMALL_MODEL, LoRAConfig, TrainingConfig
+from .config import (
+    DEFAULT_MODEL,
+    LARGE_MODEL,
+    SMALL_MODEL,
+    LoRAConfig,
+    TrainingConfig,
+    task_fields,
+)
 from .errors import ConfigError, ModelError
 from .training.memory import DEFAULT_MARGIN, MemoryEstimate, estimate_memory, fits
 from .training.runtime import Hardware
 
 #: GPU presets from the largest to the smallest: ``choose_preset`` takes the first that fits.
 GPU_PRESETS = ("a100", "rtx_4090", "rtx_3060", "minimal")
-#: Config fields that describe the task (model and data) rather than the hyperparameters: a
-#: preset applied to a task replaces everything else.
-TASK_FIELDS = (
-    "model_name",
-    "trust_remote_code",
-    "data_path",
-    "eval_data_path",
-    "eval_ratio",
-    "data_format",
-    "train_on_prompt",
-    "skip_invalid",
-    "output_dir",
-    "columns",
-    "placeholders",
-    "system_prompt",
-    # The objective and its own settings, which no preset sets.
-    "method",
-    "init_adapter",
-    "pref_beta",
-    "pref_ftx",
-    "kto_desirable_weight",
-    "kto_undesirable_weight",
-)
 
 
 @dataclass(frozen=True)
@@ -228,12 +212,13 @@ def choose_preset(
 
 
 def apply_preset(config: TrainingConfig, name: str) -> TrainingConfig:
-    """The preset's hyperparameters with ``config``'s model and data (``auto``: the largest
-    preset that fits this machine for that model)."""
+    """The preset's hyperparameters with ``config``'s task-level settings (scope ``TASK``: its
+    model, data and objective; ``auto``: the largest preset that fits this machine for that
+    model)."""
     if name == "auto":
         name, _ = choose_preset(config.model_name)
     preset = PresetConfigs.get(name)
-    return preset.replace(**{key: getattr(config, key) for key in TASK_FIELDS})
+    return preset.replace(**{key: getattr(config, key) for key in task_fields()})
 
 
 def _preset(name: str, model_name: str | None) -> TrainingConfig:

@@ -1,11 +1,13 @@
 """Quickstart: a task directory ready for ``run``, from a Python code base or the user's data.
 
 ``quickstart`` writes ``<root>/<task>/`` (``data/train.jsonl``, ``training_config.json``,
-``finetune_meta.json`` and the tokenized-data cache) in a hidden folder next to it and renames
+``finetune_meta.json`` and the rendered-data cache) in a hidden folder next to it and renames
 it into place at the end, so a failure never leaves half a task or loses the old one. The
-user's data (one or several sources) is validated and written once, in the canonical keys of
-its format, to ``data/train.jsonl``; how it was read (column names, placeholders) and the
-default system prompt go into the training config, so ``run`` and ``chat`` use them too.
+user's data (one or several sources) is read for the task's training method, validated and
+written once, in the canonical keys of its format, to ``data/train.jsonl``; how it was read
+(column names, placeholders) and the default system prompt go into the training config, so
+``run`` and ``chat`` use them too. Every task type goes the same way; they differ in the data
+formats they accept and the method they train by default.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import TrainingConfig
+from .config import TrainingConfig, flags
 from .data import (
     CodeDataset,
     DataStats,
@@ -31,7 +33,8 @@ from .data import (
 )
 from .errors import DataError, ModelError, TaskError, UsageProblem
 from .locks import RunLock
-from .meta import TaskMeta, save_meta
+from .meta import TaskMeta, TaskStatus, save_meta
+from .methods import get_method
 from .paths import (
     CONFIG_FILE,
     DATASET_FILE,
@@ -41,23 +44,88 @@ from .paths import (
     new_task_dir,
 )
 from .presets import PresetConfigs
-
-#: Task types and the data format each expects (None: detected).
-TASK_TYPES: dict[str, str | None] = {
-    "code": "alpaca",
-    "qa": "qa",
-    "instruction": "alpaca",
-    "chat": "conversation",
-    "custom": None,
-    "preference": None,  # pairs or KTO records, for dpo, orpo or kto: see _quickstart_preference
-}
-#: The task type of preference data (its data layer is data/preference.py).
-PREFERENCE_TASK = "preference"
-
-#: The task type to suggest for data of each format.
-_TASK_FOR_FORMAT = {"alpaca": "instruction", "qa": "qa", "conversation": "chat"}
+from .progress import Status
 
 DataArgument = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+
+
+@dataclass(frozen=True)
+class TaskType:
+    """A kind of task: the data formats it accepts (None: whatever its method reads; one
+    format: forced unless ``data_format`` says otherwise), the method it trains by default,
+    and what it is, for ``--help``."""
+
+    formats: tuple[str, ...] | None
+    description: str
+    method: str = "sft"
+    #: Its data is built from a code base (``source``), not read from the user's files.
+    source: bool = False
+
+
+TASK_TYPES: dict[str, TaskType] = {
+    "code": TaskType(
+        ("alpaca",), "questions and answers derived from a Python code base", source=True
+    ),
+    "qa": TaskType(("qa",), "question/answer records"),
+    "instruction": TaskType(("alpaca",), "alpaca instruction/input/output records"),
+    "chat": TaskType(("conversation",), "conversations (messages or ShareGPT)"),
+    "custom": TaskType(None, "any format the method reads, detected"),
+    "preference": TaskType(
+        ("preference", "kto"), "chosen/rejected pairs or KTO records", method="dpo"
+    ),
+}
+#: The task type of preference data.
+PREFERENCE_TASK = "preference"
+
+
+@dataclass(frozen=True)
+class QuickstartOptions:
+    """What a new task is made of.
+
+    ``task_type`` is a key of ``TASK_TYPES``; ``data`` the user's data (a file, a folder, a
+    glob, a Hugging Face dataset id, or a list of these, combined in order), ``source`` the
+    code base of a ``code`` task (default: the current directory). ``settings`` are training
+    config keys for the task (``model_name``, ``method``, ``max_length``, ``data_format``,
+    ``columns``, ``placeholders``, ``system_prompt``; ``skip_invalid`` drops malformed records
+    while reading and is not recorded). ``preset``: a hardware preset, ``auto`` the largest that
+    fits this machine for the model. ``preview``: how many samples to show as the model sees
+    them.
+    """
+
+    task_type: str
+    data: DataArgument | None = None
+    source: str | os.PathLike[str] | None = None
+    name: str | None = None
+    preset: str = "auto"
+    force: bool = False
+    root: str | os.PathLike[str] | None = None
+    preview: int = 0
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, task_type: str, **values: Any) -> QuickstartOptions:
+        """Options from keywords: this class's fields, and the settings by their Python
+        keywords (``model``, ``method``, ``max_length``, ``data_format``, ``columns``,
+        ``placeholders``, ``system_prompt``, ``skip_invalid``: each setting's ``Flag.keyword``)."""
+        settings = dict(values.pop("settings", None) or {})
+        for key, flag in flags("quickstart"):
+            if flag.keyword is not None and flag.keyword in values:
+                value = values.pop(flag.keyword)
+                if value is not None and value is not False:
+                    settings[key] = value
+        return cls(task_type, settings=settings, **values)
+
+    @property
+    def kind(self) -> TaskType:
+        if self.task_type not in TASK_TYPES:
+            raise UsageProblem(
+                f"Unknown task type {self.task_type!r}: choose one of {', '.join(TASK_TYPES)}."
+            )
+        return TASK_TYPES[self.task_type]
+
+    @property
+    def method(self) -> str:
+        return str(self.settings.get("method") or self.kind.method)
 
 
 @dataclass
@@ -78,78 +146,51 @@ class QuickstartResult:
 
 
 def quickstart(
-    task_type: str,
-    *,
-    data: DataArgument | None = None,
-    source: str | os.PathLike[str] | None = None,
-    name: str | None = None,
-    data_format: str | None = None,
-    skip_invalid: bool = False,
-    model: str | None = None,
-    preset: str = "auto",
-    force: bool = False,
-    root: str | os.PathLike[str] | None = None,
-    preview: int = 0,
-    on_status: Callable[[str], None] | None = None,
-    columns: Mapping[str, str] | None = None,
-    placeholders: Mapping[str, str] | None = None,
-    system_prompt: str | None = None,
-    max_length: int | None = None,
-    method: str | None = None,
+    task: str | QuickstartOptions, /, *, status: Status | None = None, **values: Any
 ) -> QuickstartResult:
     """Create ``<root>/<name>`` (default name: the task type) ready for ``sage finetune run``.
 
-    ``code`` builds its data from ``source`` (default: the current directory); the other
-    types read ``data``: a file, a folder, a glob, a Hugging Face dataset id, or a list of
-    these, combined in order (``qa``, ``instruction`` and ``chat`` force their format unless
-    ``data_format`` is given; ``custom`` detects it per source). ``columns`` maps fields to the
-    names the files use, ``placeholders`` fills ``{{KEY}}`` in the text, ``system_prompt`` opens
-    every conversation without a system message (in training and in ``chat``), ``max_length``
-    overrides the preset's. The model's tokenizer, when it can be loaded, tokenizes the data
-    once: that fills the statistics, the warnings, the preview and the cache that ``run``
-    reuses. An existing task is replaced only with ``force``. ``on_status`` receives progress
-    lines. ``preference``
-    reads preference pairs or KTO records for ``method`` (dpo, orpo or kto; default dpo).
+    ``task`` is a QuickstartOptions, or a task type with the options as keywords (see
+    ``QuickstartOptions.of``). ``code`` builds its data from ``source``; the other types read
+    ``data`` for the task's method (``qa``, ``instruction`` and ``chat`` force their format
+    unless ``data_format`` is given; ``custom`` detects it per source; ``preference`` reads
+    pairs or KTO records, for dpo by default). The model's tokenizer, when it can be loaded,
+    renders the data once: that fills the statistics, the warnings, the preview and the cache
+    that ``run`` reuses. An existing task is replaced only with ``force``. ``status`` receives
+    progress lines.
     """
-    if task_type == PREFERENCE_TASK:
-        if source is not None or data_format is not None:
-            raise UsageProblem("--source and --format are not for `quickstart preference`.")
-        return _quickstart_preference(
-            data,
-            method or "dpo",
-            name,
-            skip_invalid,
-            model,
-            preset,
-            force,
-            root,
-            preview,
-            on_status,
-        )
-    if method is not None:
-        raise UsageProblem("--method is for `quickstart preference` (dpo, orpo or kto).")
-    _check_arguments(task_type, data, source, data_format, columns, placeholders)
-    target = new_task_dir(name or task_type, root)
-    replacing = _check_target(target, force)
-    config = PresetConfigs.auto(model) if preset == "auto" else PresetConfigs.get(preset)
-    model_name = model or config.model_name
+    say = status or (lambda _line: None)
+    options = task if isinstance(task, QuickstartOptions) else QuickstartOptions.of(task, **values)
+    _check_options(options)
+    target = new_task_dir(options.name or options.task_type, options.root)
+    replacing = _check_target(target, options.force)
+    settings = dict(options.settings)
+    skip_invalid = bool(settings.pop("skip_invalid", False))  # a reading option only
+    model = settings.pop("model_name", None)
+    for key in ("method", "data_format"):  # set from the options and from the data read
+        settings.pop(key, None)
+    preset = (
+        PresetConfigs.auto(model) if options.preset == "auto" else PresetConfigs.get(options.preset)
+    )
 
-    code = build_code_dataset(source or ".") if task_type == "code" else None
-    if code is not None:
+    code = None
+    if options.kind.source:
+        say(f"Scanning Python files under {Path(options.source or '.').expanduser().resolve()}")
+        code = build_code_dataset(options.source or ".")
         loaded = load_training_data(code.records, "alpaca")
         loaded.warnings.clear()  # "{{...}}" in source code is code (f-strings), not a placeholder
     else:
-        assert data is not None
-        loaded = _load(task_type, data, data_format, skip_invalid, columns, placeholders)
-    config = config.replace(
-        model_name=model_name,
-        data_path=DATASET_FILE,
-        output_dir=".",
-        data_format=loaded.format,
-        columns=dict(columns) if columns else None,
-        placeholders=dict(placeholders) if placeholders else None,
-        system_prompt=system_prompt or None,
-        **({"max_length": max_length} if max_length is not None else {}),
+        assert options.data is not None
+        loaded = _load(options, skip_invalid)
+    config, notes = get_method(options.method).fit(
+        preset.replace(
+            **settings,
+            model_name=model or preset.model_name,
+            data_path=DATASET_FILE,
+            output_dir=".",
+            method=options.method,
+            data_format=loaded.format,
+        )
     )
     # Replacing a task: hold its run lock, so that it cannot be trained while it is replaced.
     with (
@@ -157,10 +198,9 @@ def quickstart(
         atomic_directory(target, replace=replacing) as building,
     ):
         _write_data(building, loaded, config)
-        if on_status is not None:
-            on_status(f"Tokenizing {len(loaded)} records for {config.model_name}")
-        stats, samples, warnings = _tokenize_once(building, loaded, config, preview)
-        meta = _write_meta(building, task_type, config, loaded, stats, _data_file(data), code)
+        say(f"Rendering {len(loaded)} records for {config.model_name}")
+        stats, samples, warnings = _render_once(building, loaded, config, options.preview)
+        meta = _write_meta(building, options.task_type, config, loaded, stats, options.data, code)
     return QuickstartResult(
         task_dir=target,
         meta=meta,
@@ -171,61 +211,73 @@ def quickstart(
         stats=stats,
         code=code,
         preview=samples,
-        warnings=warnings,
+        warnings=[*notes, *warnings],
         replaced=replacing,
     )
 
 
-def _check_arguments(
-    task_type: str,
-    data: Any,
-    source: Any,
-    data_format: str | None,
-    columns: Any,
-    placeholders: Any,
-) -> None:
-    if task_type not in TASK_TYPES:
+def _check_options(options: QuickstartOptions) -> None:
+    kind, settings = options.kind, options.settings
+    unit = get_method(options.method)
+    if kind.formats is not None and not set(kind.formats) & set(unit.formats):
+        fits = [
+            name
+            for name, other in TASK_TYPES.items()
+            if other.formats is None or set(other.formats) & set(unit.formats)
+        ]
         raise UsageProblem(
-            f"Unknown task type {task_type!r}: choose one of {', '.join(TASK_TYPES)}."
+            f"quickstart {options.task_type} reads {', '.join(kind.formats)} data, which "
+            f"{unit.name} does not train on: use the task type {' or '.join(fits)}, or another "
+            "method."
         )
-    if task_type == "code":
-        if data is not None or data_format is not None or columns or placeholders:
+    if kind.source:
+        if options.data is not None or any(
+            settings.get(key) for key in ("data_format", "columns", "placeholders")
+        ):
             raise UsageProblem(
-                "quickstart code builds its data from --source (--data, --format, --columns "
-                "and --replace are for your own data: `quickstart custom --data FILE`)."
+                "quickstart code builds its data from source=DIR (data=FILE, data_format=NAME, "
+                "columns={FIELD: COLUMN} and placeholders={KEY: VALUE} are for your own data: "
+                "`quickstart custom --data FILE`)."
             )
-    elif data is None:
-        raise UsageProblem(f"quickstart {task_type} needs --data FILE (your training data).")
-    elif source is not None:
-        raise UsageProblem("--source is for `quickstart code` only.")
+    elif options.data is None or (
+        not isinstance(options.data, str | os.PathLike) and not list(options.data)
+    ):
+        raise UsageProblem(
+            f"quickstart {options.task_type} needs data=FILE (your training data: "
+            f"{kind.description})."
+        )
+    elif options.source is not None:
+        raise UsageProblem("source=DIR is for `quickstart code` only.")
 
 
-def _load(
-    task_type: str,
-    data: DataArgument,
-    data_format: str | None,
-    skip_invalid: bool,
-    columns: Mapping[str, str] | None,
-    placeholders: Mapping[str, str] | None,
-) -> LoadedData:
-    """The user's data, read as the task type asks; records of another format are refused
-    with the task type that fits them."""
+def _load(options: QuickstartOptions, skip_invalid: bool) -> LoadedData:
+    """The user's data, read as the task type and its method ask; records of another format
+    are refused with the task type that fits them."""
+    settings, kind = options.settings, options.kind
+    data_format = settings.get("data_format")
+    forced = data_format or (kind.formats[0] if kind.formats and len(kind.formats) == 1 else None)
+    assert options.data is not None
     try:
         return load_training_data(
-            data,
-            data_format or TASK_TYPES[task_type],
+            options.data,
+            forced,
             skip_invalid=skip_invalid,
-            columns=columns,
-            placeholders=placeholders,
+            columns=settings.get("columns"),
+            placeholders=settings.get("placeholders"),
+            method=options.method,
         )
     except WrongFormat as exc:
         if data_format is not None:
             raise
-        fits = _TASK_FOR_FORMAT.get(exc.found)
-        instead = f"`quickstart {fits}` or `quickstart custom`" if fits else "`quickstart custom`"
+        fits = [
+            name
+            for name, other in TASK_TYPES.items()
+            if other.formats == (exc.found,) and not other.source
+        ]
+        instead = " or ".join(f"`quickstart {name}`" for name in [*fits, "custom"])
         raise DataError(
-            f"{exc.where}: {exc.detail}: `quickstart {task_type}` reads {exc.expected} data; "
-            f"for {exc.found} data use {instead} (which detects the format)."
+            f"{exc.where}: {exc.detail}: `quickstart {options.task_type}` reads {exc.expected} "
+            f"data; for {exc.found} data use {instead} (which detects the format)."
         ) from None
 
 
@@ -248,13 +300,13 @@ def _check_target(target: Path, force: bool) -> bool:
         return False
     if not force:
         raise TaskError(
-            f"Task {target.name!r} already exists at {target}; pass --force to replace it "
-            "or --name to choose another name."
+            f"Task {target.name!r} already exists at {target}; pass force=True to replace it "
+            "or choose another name."
         )
     if not (target / META_FILENAME).is_file():
         raise TaskError(
             f"{target} exists and is not a task directory (no {META_FILENAME}); "
-            "refusing to replace it. Choose another --name or --root."
+            "refusing to replace it. Choose another name or root."
         )
     return True
 
@@ -268,11 +320,11 @@ def _write_data(folder: Path, loaded: LoadedData, config: TrainingConfig) -> Non
     config.save(folder / CONFIG_FILE)
 
 
-def _tokenize_once(
+def _render_once(
     folder: Path, loaded: LoadedData, config: TrainingConfig, preview: int
 ) -> tuple[DataStats | None, list[list[tuple[str, bool]]], list[str]]:
     """Statistics (records as read from the user's data), preview samples and warnings; the
-    tokenized data lands in the task's cache, where ``run`` finds it."""
+    rendered data lands in the task's cache, where ``run`` finds it."""
     from .models import load_tokenizer
 
     try:
@@ -290,6 +342,7 @@ def _tokenize_once(
         loaded,
         tokenizer,
         preview,
+        method=config.method,
         max_length=config.max_length,
         train_on_prompt=config.train_on_prompt,
         system_prompt=config.system_prompt,
@@ -303,7 +356,7 @@ def _write_meta(
     config: TrainingConfig,
     loaded: LoadedData,
     stats: DataStats | None,
-    data_file: str | None,
+    data: DataArgument | None,
     code: CodeDataset | None,
 ) -> TaskMeta:
     if stats is not None:
@@ -329,101 +382,11 @@ def _write_meta(
         config=CONFIG_FILE,
         output_dir=".",
         code_root=str(code.source) if code else None,
-        data_file=data_file,
+        data_file=_data_file(data),
         preset=config.preset,
         num_samples=samples,
         data_stats=data_stats,
         training=config.to_dict(),
-        status="prepared",
+        status=TaskStatus.PREPARED,
     )
     return save_meta(folder, meta)
-
-
-# --- preference tasks (DPO, ORPO, KTO) --------------------------------------------------------
-
-
-def _quickstart_preference(
-    data: DataArgument | None,
-    method: str,
-    name: str | None,
-    skip_invalid: bool,
-    model: str | None,
-    preset: str,
-    force: bool,
-    root: str | os.PathLike[str] | None,
-    preview: int,
-    on_status: Callable[[str], None] | None,
-) -> QuickstartResult:
-    """A task that trains ``method`` on preference data, laid out as the others (its data in
-    canonical preference records, the rendered data in the task's cache)."""
-    from .config import PREFERENCE_METHODS
-    from .data.preference import load_preferences, prepare_preferences, preview_preferences
-    from .models import load_tokenizer
-    from .paths import PREFERENCE_CACHE
-    from .runs import fit_method
-
-    sources = [] if data is None else [data] if isinstance(data, str | os.PathLike) else list(data)
-    if not sources:
-        raise UsageProblem(
-            "quickstart preference needs --data FILE: prompt/chosen/rejected pairs, or "
-            "prompt/completion/label records for kto."
-        )
-    if len(sources) > 1:
-        raise UsageProblem(
-            "quickstart preference reads one --data file; combine the preference files first."
-        )
-    if method not in PREFERENCE_METHODS:
-        raise UsageProblem(f"--method must be one of {', '.join(PREFERENCE_METHODS)}.")
-    target = new_task_dir(name or PREFERENCE_TASK, root)
-    replacing = _check_target(target, force)
-    config = PresetConfigs.auto(model) if preset == "auto" else PresetConfigs.get(preset)
-    loaded = load_preferences(sources[0], method, skip_invalid=skip_invalid)
-    config, notes = fit_method(
-        config.replace(
-            model_name=model or config.model_name,
-            data_path=DATASET_FILE,
-            output_dir=".",
-            data_format=loaded.format,
-            method=method,
-            packing=False,
-        )
-    )
-    stats, samples, warnings = None, [], list(notes)
-    # The preference records stand in for LoadedData in _write_data and _write_meta (records(),
-    # format, records_read, dropped), as their statistics do for DataStats.
-    with (
-        RunLock(target) if replacing else contextlib.nullcontext(),
-        atomic_directory(target, replace=replacing) as building,
-    ):
-        _write_data(building, loaded, config)
-        try:
-            tokenizer = load_tokenizer(
-                config.model_name, trust_remote_code=config.trust_remote_code
-            )
-        except ModelError as exc:
-            warnings.append(f"Token statistics and preview skipped: {exc}")
-        else:
-            if on_status is not None:
-                on_status(f"Rendering {len(loaded)} records for {config.model_name}")
-            cache = building / PREFERENCE_CACHE
-            prepared = prepare_preferences(
-                building / DATASET_FILE, tokenizer, config, cache_dir=cache
-            )
-            stats = prepared.stats
-            stats.records_read = loaded.records_read
-            stats.dropped = {**loaded.dropped, **stats.dropped}
-            stats.drop_examples = {**loaded.drop_examples, **stats.drop_examples}
-            samples = preview_preferences(loaded, tokenizer, preview)
-        meta = _write_meta(building, PREFERENCE_TASK, config, loaded, stats, _data_file(data), None)
-    return QuickstartResult(
-        task_dir=target,
-        meta=meta,
-        config=config,
-        records_read=loaded.records_read,
-        records_kept=len(loaded),
-        dropped=loaded.dropped,
-        stats=stats,
-        preview=samples,
-        warnings=warnings,
-        replaced=replacing,
-    )

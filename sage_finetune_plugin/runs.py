@@ -16,15 +16,16 @@ heavy at module level; never prints.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .checkpoints import is_complete_adapter
-from .config import TrainingConfig
+from .config import TrainingConfig, apply_flags, flags
 from .errors import (
     ConfigError,
     FinetuneError,
@@ -33,7 +34,10 @@ from .errors import (
     TrainingError,
     UsageProblem,
 )
+from .meta import UNFINISHED, TaskStatus
+from .methods import get_method
 from .presets import apply_preset
+from .progress import ProgressSink, Status
 from .task import Task
 from .training.launch import LaunchOptions, launch_command, launch_config_path
 from .training.memory import (
@@ -44,17 +48,12 @@ from .training.memory import (
     estimate_memory,
     fits,
 )
-from .training.runtime import Hardware, Runtime, resolve_runtime
+from .training.runtime import TORCH_OPTIMIZERS, Hardware, Runtime, resolve_runtime
 
 if TYPE_CHECKING:
     from .data import DataStats
-    from .data.preference import PreferenceStats
-    from .training.callbacks import ProgressSink
     from .training.metrics import TrainResult
-    from .training.recipe import LoRATrainer
 
-#: Statuses of a task whose checkpoints belong to a run that did not finish.
-UNFINISHED = ("training", "interrupted", "failed")
 #: ``--quant`` values and the config fields they set.
 QUANTIZATION = {
     "4bit": {"load_in_4bit": True, "load_in_8bit": False},
@@ -67,15 +66,20 @@ QUANTIZATION = {
 class RunOptions:
     """What the user asks of a run, on top of the task's recorded config.
 
-    The named fields are the command line's shortcuts; ``settings`` are ``KEY=VALUE`` strings
-    (``--set``), ``recipe`` a YAML or JSON file of config keys (``--config``), ``overrides``
-    config keys given from Python (``train_from_meta(task, max_steps=100)``).
+    ``settings`` are ``KEY=VALUE`` strings (``--set``), ``recipe`` a YAML or JSON file of
+    config keys (``--config``), ``overrides`` config keys given from Python
+    (``train_from_meta(task, max_steps=100)``), ``flags`` the config keys set by the command
+    line's named options (``--lr``: ``{"learning_rate": 1e-4}``), applied last with their rules
+    (``config.Flag``). The fields from ``model`` to ``skip_invalid`` are the same named options
+    as Python keywords (each setting's ``Flag.keyword``); ``quant`` sets the quantization,
+    ``data`` other training data (a new stage of the task).
     """
 
     preset: str | None = None
     recipe: Path | None = None
     settings: tuple[str, ...] = ()
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    flags: Mapping[str, Any] = field(default_factory=dict)
     model: str | None = None
     epochs: float | None = None
     max_steps: int | None = None
@@ -140,38 +144,19 @@ class RunPlan:
             raise self.blockers[0]
 
     def objective_lines(self) -> list[str]:
-        """The method, what the run starts from and, for preference tuning, the reference
-        model, as the dry run shows them."""
+        """The method (and its reference model) and what the run starts from, as the dry run
+        shows them."""
         config = self.config
-        method = config.method
-        if method == "sft":
-            lines = ["Method: sft (supervised fine-tuning)"]
-        else:
-            trainer = {"dpo": "DPOTrainer", "orpo": "ORPOTrainer", "kto": "KTOTrainer"}[method]
-            beta = "lambda" if method == "orpo" else "beta"
-            ftx = (
-                f", plus {config.pref_ftx:g} x SFT loss"
-                if method == "dpo" and config.pref_ftx
-                else ""
-            )
-            lines = [f"Method: {method} (TRL {trainer}, {beta} {config.pref_beta:g}{ftx})"]
-        previous = [s["method"] for s in self.task.meta.stages if s.get("status") == "trained"]
+        lines = get_method(config.method).describe(config)
+        previous = [
+            s["method"] for s in self.task.meta.stages if s.get("status") == TaskStatus.TRAINED
+        ]
         if config.init_adapter:
             after = f", stage {len(previous) + 1} after {' + '.join(previous)}" if previous else ""
-            lines.append(f"Starts from: the task's adapter {config.init_adapter}{after}")
+            starts = f"the task's adapter {config.init_adapter}{after}"
         else:
-            lines.append(f"Starts from: a new LoRA adapter on {config.model_name}")
-        if method in ("dpo", "kto"):
-            reference = (
-                "the adapter as it is before this stage, kept frozen as a second LoRA adapter "
-                "on the same base weights"
-                if config.init_adapter
-                else "the base model with the adapter disabled"
-            )
-            lines.append(f"Reference model: {reference} (no second copy of the weights)")
-        elif method == "orpo":
-            lines.append("Reference model: none (ORPO is reference-free)")
-        return lines
+            starts = f"a new LoRA adapter on {config.model_name}"
+        return [lines[0], f"Starts from: {starts}", *lines[1:]]
 
 
 def resolve_config(task: Task, options: RunOptions) -> TrainingConfig:
@@ -190,10 +175,10 @@ def _resolve(task: Task, options: RunOptions) -> tuple[TrainingConfig, list[str]
     try:
         config = config.with_settings(options.settings)
         config = config.replace(**dict(options.overrides))
-        config = _apply_shortcuts(config, options)
+        config = _apply_flags(config, options)
         if options.data is not None or config.method != recorded.method:
             config = _new_stage(task, config, options)
-        config, notes = fit_method(config)
+        config, notes = get_method(config.method).fit(config)
     except ConfigError as exc:
         raise UsageProblem(str(exc)) from None
     return task.with_task_paths(config), notes
@@ -204,13 +189,13 @@ def _new_stage(task: Task, config: TrainingConfig, options: RunOptions) -> Train
     task's adapter (a new adapter when the task has none yet)."""
     if options.resume:
         raise ConfigError(
-            "--resume continues the interrupted run as it was: drop --method and --data."
+            "resume=True continues the interrupted run as it was: drop method and data."
         )
     changes: dict[str, Any] = {}
     if options.data is not None:
         data = Path(options.data).expanduser()
         if not data.exists():
-            raise ConfigError(f"--data {options.data}: no such file or directory.")
+            raise ConfigError(f"data={options.data}: no such file or directory.")
         changes.update(data_path=str(data.resolve()), eval_data_path=None, data_format=None)
     adapter, merged = task.adapter_dir, task.merged_dir
     if not is_complete_adapter(adapter) and merged is not None and merged.is_dir():
@@ -223,56 +208,17 @@ def _new_stage(task: Task, config: TrainingConfig, options: RunOptions) -> Train
     return config.replace(**changes)
 
 
-def fit_method(config: TrainingConfig) -> tuple[TrainingConfig, list[str]]:
-    """``config`` with the settings its method cannot train with changed, and notes saying
-    what changed (preference methods: no packing; kto: at least 2 samples per batch)."""
-    notes: list[str] = []
-    if config.method == "sft":
-        return config, notes
-    changes: dict[str, Any] = {}
-    if config.packing:
-        changes["packing"] = False
-        notes.append(f"packing does not apply to {config.method}: batches are padded instead")
-    batch, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
-    if config.method == "kto" and batch < 2:
-        # TRL's KTO estimates its KL term from the other answers of a batch.
-        halved = max(1, accumulation // 2)
-        changes.update(per_device_train_batch_size=2, gradient_accumulation_steps=halved)
-        notes.append(
-            f"kto needs at least 2 samples per batch for its KL estimate: batch {batch} x "
-            f"{accumulation} became 2 x {halved}"
-        )
-    return (config.replace(**changes) if changes else config), notes
-
-
-def _apply_shortcuts(config: TrainingConfig, options: RunOptions) -> TrainingConfig:
-    changes: dict[str, Any] = {
-        key: value
-        for key, value in {
-            "model_name": options.model,
-            "num_train_epochs": options.epochs,
-            "max_steps": options.max_steps,
-            "learning_rate": options.learning_rate,
-            "max_length": options.max_length,
-            "per_device_train_batch_size": options.batch_size,
-            "gradient_accumulation_steps": options.grad_accum,
-        }.items()
-        if value is not None
-    }
-    if options.epochs is not None and options.max_steps is None:
-        changes["max_steps"] = None  # the number of epochs decides the length
+def _apply_flags(config: TrainingConfig, options: RunOptions) -> TrainingConfig:
+    """The named options (``flags``, and the same as Python keywords) and ``quant``."""
+    values = dict(options.flags)
+    for key, flag in flags("run"):
+        if flag.keyword is not None and getattr(options, flag.keyword, None) is not None:
+            values[key] = getattr(options, flag.keyword)
     if options.quant is not None:
         if options.quant not in QUANTIZATION:
-            raise ConfigError(f"--quant must be one of {', '.join(QUANTIZATION)}.")
-        changes.update(QUANTIZATION[options.quant])
-    if options.method is not None:
-        changes["method"] = options.method
-    if options.skip_invalid:
-        changes["skip_invalid"] = True
-    if options.lora_r is not None:  # keep the scaling alpha / r
-        alpha = max(1, round(config.lora.lora_alpha * options.lora_r / config.lora.r))
-        changes["lora"] = {"r": options.lora_r, "lora_alpha": alpha}
-    return config.replace(**changes) if changes else config
+            raise ConfigError(f"quant must be one of {', '.join(QUANTIZATION)}.")
+        values.update(QUANTIZATION[options.quant])
+    return apply_flags(config, values)
 
 
 def plan_run(
@@ -288,7 +234,7 @@ def plan_run(
     config, notes = _resolve(task, options)
     hardware = hardware or Hardware.detect()
     runtime = resolve_runtime(config, hardware)
-    blockers = _objective_blockers(config)
+    blockers = get_method(config.method).blockers(config)
     if options.launch.node_rank == 0:  # node 0 holds the lock for a multi-node run
         try:
             task.lock().check()
@@ -306,9 +252,9 @@ def plan_run(
     if plan.fits is False and not options.force:
         blockers.append(
             TrainingError(
-                f"Predicted not to fit: {plan.memory_verdict()}. Lower --batch-size or "
-                "--max-length, use --quant 4bit, pick a smaller --preset (or auto), or pass "
-                "--force to try anyway."
+                f"Predicted not to fit: {plan.memory_verdict()}. Lower "
+                "per_device_train_batch_size or max_length, use quant=4bit, pick a smaller "
+                "preset (or auto), or pass force=True to try anyway."
             )
         )
 
@@ -319,7 +265,7 @@ def plan_run(
         blockers.append(
             TrainingError(
                 f"Training of {task.path} stopped at {latest.name} ({task.meta.status}): "
-                "continue with --resume, or start over with --force."
+                "continue with resume=True, or start over with force=True."
             )
         )
     else:
@@ -336,28 +282,38 @@ def plan_run(
     return plan
 
 
-def _objective_blockers(config: TrainingConfig) -> list[FinetuneError]:
-    """What the method needs and lacks: TRL for preference tuning."""
-    if config.method == "sft":
-        return []
-    from .deps import require_optional
-
-    try:
-        require_optional("trl")
-    except FinetuneError as exc:
-        return [exc]
-    return []
+def needs_bitsandbytes(config: TrainingConfig, runtime: Runtime) -> bool:
+    """Whether a run may import bitsandbytes: quantized weights, an optimizer other than
+    torch's own, or a method whose trainer imports it (TRL's)."""
+    return (
+        runtime.quantization is not None
+        or runtime.optim not in TORCH_OPTIMIZERS
+        or get_method(config.method).needs_bitsandbytes
+    )
 
 
-def _trainer(config: TrainingConfig, **kwargs: Any) -> LoRATrainer:
-    """The trainer for the config's method: LoRATrainer (sft) or PreferenceTrainer."""
-    if config.method == "sft":
-        from .training.recipe import LoRATrainer
+def _train(
+    task: Task | str | os.PathLike[str],
+    config: TrainingConfig,
+    runtime: Runtime,
+    resume: bool,
+    progress: ProgressSink | None = None,
+    **kwargs: Any,
+) -> TrainResult:
+    """Train ``config`` in this process: bitsandbytes kept out of it while the run does not use
+    it (peft imports it when it is installed, and it compiles its CPU kernels as it loads:
+    about 2 s before the first step), its logging quieted when it does."""
+    from .books import RunBooks
+    from .deps import quiet_bitsandbytes, without_bitsandbytes
 
-        return LoRATrainer(config, **kwargs)
-    from .training.preference import PreferenceTrainer
+    quiet_bitsandbytes()
+    books = RunBooks(task if isinstance(task, Task) else Path(task), forward=progress)
+    needed = needs_bitsandbytes(config, runtime)
+    with contextlib.nullcontext() if needed else without_bitsandbytes():
+        from .training.recipe import LoRATrainer  # peft, which imports bitsandbytes if it can
 
-    return PreferenceTrainer(config, **kwargs)
+        trainer = LoRATrainer(config, task_dir=task, books=books, **kwargs)
+        return trainer.train(resume_from_checkpoint=resume)
 
 
 def start_run(
@@ -374,15 +330,16 @@ def start_run(
         from .training.launch import launch
 
         return launch(task, plan.config, options.launch, plan.hardware, resume=options.resume)
-    trainer = _trainer(
+    return _train(
+        task,
         plan.config,
-        task_dir=task,
+        plan.runtime,
+        options.resume,
         callbacks=callbacks,
         progress=progress,
         hardware=plan.hardware,
         notes=plan.notes,
     )
-    return trainer.train(resume_from_checkpoint=options.resume)
 
 
 def train_from_meta(
@@ -414,45 +371,40 @@ def run_worker(
     """One rank of a multi-process run, started by the launcher: train the config the
     launcher resolved (its checks are done and it holds the lock)."""
     config = TrainingConfig.load(config_file)
-    trainer = _trainer(config, task_dir=task_dir, progress=progress)
-    return trainer.train(resume_from_checkpoint=resume)
+    return _train(task_dir, config, resolve_runtime(config), resume, progress=progress)
 
 
-def inspect_data(plan: RunPlan) -> DataStats | PreferenceStats:
-    """Tokenize the planned run's data without caching it, for the statistics (dry run)."""
+def inspect_data(plan: RunPlan) -> DataStats:
+    """Render the planned run's data without caching it, for the statistics (dry run)."""
+    from .data import prepare_dataset
     from .models import load_tokenizer
 
     config = plan.config
     if not config.data_path:
         raise FinetuneError(f"Task {plan.task.path} names no training data (data_path).")
     tokenizer = load_tokenizer(config.model_name, trust_remote_code=config.trust_remote_code)
-    if config.method != "sft":
-        from .data.preference import prepare_preferences
-
-        return prepare_preferences(config.data_path, tokenizer, config).stats
-    from .data import prepare_dataset
-
-    return prepare_dataset(
-        config.data_path, tokenizer, config, skip_invalid=config.skip_invalid, cache_dir=None
-    ).stats
+    return prepare_dataset(config.data_path, tokenizer, config).stats
 
 
 def cancel_run(
     task: Task | str | os.PathLike[str],
     *,
     wait: float | None = None,
-    on_wait: Callable[[dict[str, Any]], None] | None = None,
+    status: Status | None = None,
 ) -> Task:
     """Stop the run of ``task`` as Ctrl-C does (a checkpoint at the end of the current step,
     status interrupted, resumable). With ``wait`` (seconds; 0 or less: no limit) wait until
-    the run has let go of the task; ``on_wait`` is told whom we wait for. Returns the task
+    the run has let go of the task; ``status`` is told whom we wait for. Returns the task
     with its meta re-read. TaskError if it is not training; TrainingError on a timeout."""
     task = Task.of(task)
     owner = task.request_cancel()
     if wait is None:
         return task
-    if on_wait is not None:
-        on_wait(owner)
+    if status is not None:
+        status(
+            f"Asked process {owner.get('pid')} on {owner.get('host')} to stop training "
+            f"{task.name!r} at the end of its current step; waiting for its checkpoint ..."
+        )
     deadline = time.monotonic() + wait if wait > 0 else None
     while task.run_owner() is not None:
         if deadline is not None and time.monotonic() > deadline:

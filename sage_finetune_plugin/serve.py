@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import importlib.util
 import os
 import shlex
 import signal
@@ -31,7 +30,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .deps import installed
 from .errors import ServeError, UsageProblem
+from .progress import Status
 from .task import Task
 
 ENGINES = ("transformers", "vllm")
@@ -44,12 +45,10 @@ ENGINE_MODULES = {
 }
 ENGINE_INSTALL = {
     "transformers": "pip install 'sage-finetune-plugin[serve]' (FastAPI, Uvicorn, openai)",
-    "vllm": "pip install vllm on a machine with a CUDA GPU, or use --engine transformers",
+    "vllm": "pip install vllm on a machine with a CUDA GPU, or use engine=transformers",
 }
 #: Seconds a stopped engine gets to exit after SIGINT, then after SIGTERM, before SIGKILL.
 STOP_GRACE = (10.0, 5.0)
-
-Progress = Callable[[str], None]
 
 
 @dataclass
@@ -105,7 +104,7 @@ def plan_serve(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     engine: str = "transformers",
-    progress: Progress | None = None,
+    status: Status | None = None,
 ) -> ServePlan:
     """Check the engine, the port and the task's model (merging the adapter first if
     needed) and build the engine's command. Raises ServeError (engine missing, port busy)
@@ -113,8 +112,8 @@ def plan_serve(
     if engine not in ENGINES:
         raise UsageProblem(f"Unknown engine {engine!r}: use one of {', '.join(ENGINES)}.")
     if not 0 < port < 65536:
-        raise UsageProblem(f"--port must be between 1 and 65535, got {port}.")
-    missing = [name for name in ENGINE_MODULES[engine] if not _installed(name)]
+        raise UsageProblem(f"port must be between 1 and 65535, got {port}.")
+    missing = [name for name in ENGINE_MODULES[engine] if not installed(name)]
     if missing:
         raise ServeError(
             f"The {engine} serving engine is not installed (missing {', '.join(missing)}): "
@@ -125,7 +124,7 @@ def plan_serve(
 
     from .merge import merged_model
 
-    model_dir = merged_model(task, progress=progress).resolve()
+    model_dir = merged_model(task, status=status).resolve()
     if engine == "transformers":
         name = str(model_dir)
         command = [
@@ -143,13 +142,6 @@ def plan_serve(
     return ServePlan(engine, command, host, port, model_dir, name)
 
 
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def check_port(host: str, port: int) -> None:
     """ServeError when ``host:port`` cannot be bound (in use, or not an address of this host)."""
     try:
@@ -164,7 +156,7 @@ def check_port(host: str, port: int) -> None:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise ServeError(
-                    f"Port {port} on {host} is already in use: choose another with --port."
+                    f"Port {port} on {host} is already in use: choose another with port=N."
                 ) from None
             raise ServeError(f"Cannot listen on {host}:{port}: {exc.strerror}.") from None
 

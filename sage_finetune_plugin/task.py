@@ -21,7 +21,7 @@ from .checkpoints import ADAPTER_FILES, complete_checkpoints, find_adapter, late
 from .config import TrainingConfig
 from .errors import LockError, MetaError, TaskError
 from .locks import RunLock, is_stale, read_lock
-from .meta import TaskMeta, load_meta, update_meta
+from .meta import TaskMeta, TaskStatus, load_meta, update_meta
 from .models import is_model_dir
 from .paths import (
     ADAPTER_DIR,
@@ -45,10 +45,16 @@ class Task:
         self.path = Path(path)
         self.meta = meta if meta is not None else load_meta(self.path)
 
+    @staticmethod
+    def locate(ref: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Path:
+        """The directory of the task called ``ref`` under ``root`` (or at the path ``ref``),
+        without reading its meta: the one way every command finds a task."""
+        return resolve_task(os.fspath(ref), root)
+
     @classmethod
     def open(cls, ref: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Task:
         """The task called ``ref`` under ``root`` (or at the path ``ref``)."""
-        return cls(resolve_task(os.fspath(ref), root))
+        return cls(cls.locate(ref, root))
 
     @classmethod
     def of(cls, task: Task | str | os.PathLike[str], root: Any = None) -> Task:
@@ -104,7 +110,7 @@ class Task:
         """
         meta = self.meta
         config_file = meta.path(self.path, meta.config)
-        if resume and meta.training and meta.status != "prepared":
+        if resume and meta.training and meta.status != TaskStatus.PREPARED:
             config = TrainingConfig.from_dict(meta.training)
         elif config_file is not None and config_file.is_file():
             config = TrainingConfig.load(config_file)
@@ -235,6 +241,16 @@ class Task:
         delete_task_dir(self.path, force=force, meta=self.meta)
 
 
+def delete_task(
+    ref: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None, force: bool = False
+) -> Path:
+    """Remove the task called ``ref`` (see ``Task.delete``), also one whose meta cannot be
+    read; returns the directory it was."""
+    path = Task.locate(ref, root)
+    delete_task_dir(path, force=force)
+    return path
+
+
 def delete_task_dir(path: Path, *, force: bool = False, meta: TaskMeta | None = None) -> None:
     """Remove the task at ``path`` (see ``Task.delete``); works on a task whose meta cannot
     be read too. The folder is renamed aside first, so it disappears at once."""
@@ -250,7 +266,7 @@ def delete_task_dir(path: Path, *, force: bool = False, meta: TaskMeta | None = 
             hint = (
                 f"stop it first with `sage finetune cancel {path}`"
                 if here
-                else "if no run is active there, pass --force"
+                else "if no run is active there, pass force=True"
             )
             raise LockError(
                 f"Task {path.name!r} is being trained by process {owner.get('pid')} on "
@@ -259,10 +275,10 @@ def delete_task_dir(path: Path, *, force: bool = False, meta: TaskMeta | None = 
     if meta is None:
         with contextlib.suppress(MetaError):
             meta = load_meta(path)
-    if meta is not None and meta.status == "training" and not live and not force:
+    if meta is not None and meta.status == TaskStatus.TRAINING and not live and not force:
         raise TaskError(
             f"Task {path.name!r} is marked as training but no process holds it (a crashed "
-            "run?): pass --force to delete it, or continue it with `run --resume`."
+            "run?): pass force=True to delete it, or continue it with `run --resume`."
         )
     remove_tree(path)
 
@@ -289,11 +305,9 @@ class TaskEntry:
                 "status": "broken",
                 "error": self.error,
             }
-        m = self.meta
-        adapter = m.path(self.path, m.adapter_path)
-        merged = m.path(self.path, m.merged_path)
-        owner = read_lock(self.path / LOCK_FILE)
-        running = m.status == "training" and owner is not None and not is_stale(owner)
+        m, task = self.meta, Task(self.path, self.meta)
+        merged = task.merged_dir
+        running = m.status == TaskStatus.TRAINING and task.run_owner() is not None
         progress = m.progress if running else {}
         return {
             "name": self.name,
@@ -310,7 +324,7 @@ class TaskEntry:
             "tokens_per_second": progress.get(
                 "tokens_per_second", m.metrics.get("tokens_per_second")
             ),
-            "adapter": bool(adapter and adapter.exists()),
+            "adapter": bool(m.adapter_path) and task.adapter_dir.exists(),
             "merged": bool(merged and merged.exists()),
             "updated": progress.get("updated_at", m.updated_at),
         }

@@ -15,9 +15,12 @@ import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import FinetuneError
+
+if TYPE_CHECKING:
+    from .training.metrics import TrainResult
 
 _MOVED = {
     "LoRATrainer": ".training.recipe",
@@ -40,12 +43,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "`sage finetune run --nproc`, so that every rank trains the same one)",
     )
     args = parser.parse_args(argv)
-    from .cli._common import ProgressBar, enable_console_logging, summary_lines
+    from .cli._common import ProgressBar, cli_words, enable_console_logging, summary_lines
     from .runs import RunOptions, plan_run, run_worker, start_run
     from .training.distributed import is_main_process, launched, worker_output
 
     enable_console_logging()  # before the worker's output is teed: its banner is logged
     bar = ProgressBar()
+    result: TrainResult | None
     try:
         with worker_output(args.task_dir):
             if args.config is not None:
@@ -59,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FinetuneError as exc:
         bar.close()
         if not launched():  # a launched worker's error went to its rank log and the launcher
-            print(f"Error: {exc}", file=sys.stderr)
+            print(f"Error: {cli_words(str(exc))}", file=sys.stderr)
         return exc.exit_code
     return 0
 

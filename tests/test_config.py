@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from sage_finetune_plugin.config import ALL_LINEAR, SMALL_MODEL, LoRAConfig, TrainingConfig
+from sage_finetune_plugin.config import (
+    ALL_LINEAR,
+    SMALL_MODEL,
+    LoRAConfig,
+    TrainingConfig,
+    parse_setting,
+)
 from sage_finetune_plugin.errors import ConfigError
 from sage_finetune_plugin.presets import PresetConfigs, choose_preset
 from sage_finetune_plugin.training.runtime import Hardware, resolve_runtime
@@ -124,9 +130,9 @@ def test_replace_validates_and_merges_lora():
         TrainingConfig().replace(batch=4)
 
 
-# The preset table of the original tool (mission.md); rtx_4090 and a100 keep its context
-# length and effective batch (16) but use batch 1 with gradient checkpointing, which is what
-# lets the 7B model fit those cards (test_large_presets_fit_their_cards).
+# The preset table of the original tool (docs/training.md, "Presets"); rtx_4090 and a100 keep
+# its context length and effective batch (16) but use batch 1 with gradient checkpointing,
+# which is what lets the 7B model fit those cards (test_large_presets_fit_their_cards).
 PRESET_TABLE = {
     "minimal": dict(
         load_in_4bit=True,
@@ -249,3 +255,90 @@ def test_auto_sizes_the_preset_for_the_given_model(tiny_model_dir):
 @pytest.mark.gpu
 def test_auto_on_this_gpu_is_a_gpu_preset():
     assert PresetConfigs.auto().preset in ("minimal", "rtx_3060", "rtx_4090", "a100")
+
+
+# --- every setting declared once: its field's metadata ---------------------------------------
+
+
+def test_every_setting_has_help_and_a_scope():
+    from sage_finetune_plugin.config import PRESET, TASK, setting_fields
+
+    for key, field in setting_fields().items():
+        assert field.metadata.get("help", "").strip(), f"{key} has no help text"
+        assert field.metadata.get("scope") in (TASK, PRESET), f"{key} has no scope"
+        flag = field.metadata.get("flag")
+        assert flag is None or set(flag.commands) <= {"run", "quickstart"}, key
+
+
+def test_a_preset_keeps_every_task_level_setting():
+    """`run --preset X` replaces the hyperparameters and keeps what describes the task: every
+    setting of scope ``task``, as the field metadata says (no hand-kept list)."""
+    import dataclasses
+
+    from sage_finetune_plugin.config import TASK, setting_fields
+    from sage_finetune_plugin.presets import apply_preset
+
+    task_keys = [k for k, f in setting_fields().items() if f.metadata["scope"] == TASK]
+    assert {"model_name", "data_path", "columns", "method", "pref_beta"} <= set(task_keys)
+    defaults = TrainingConfig()
+    changed = {
+        "model_name": "org/my-model",
+        "data_path": "mine.jsonl",
+        "eval_data_path": "eval.jsonl",
+        "data_format": "qa",
+        "columns": {"answer": "reply"},
+        "placeholders": {"NAME": "Ada"},
+        "system_prompt": "Be brief.",
+        "output_dir": "somewhere",
+        "method": "kto",
+        "init_adapter": "adapter",
+        "eval_ratio": 0.2,
+    }
+    for key in task_keys:  # the rest: booleans flipped, numbers moved
+        value = getattr(defaults, key)
+        if key not in changed:
+            changed[key] = (not value) if isinstance(value, bool) else value + 0.37
+    assert all(changed[key] != getattr(defaults, key) for key in task_keys)
+    config = TrainingConfig(**changed)
+    for preset in ("minimal", "rtx_3060", "cpu"):
+        applied = apply_preset(config, preset)
+        for key in task_keys:
+            assert getattr(applied, key) == getattr(config, key), (preset, key)
+        preset_config = PresetConfigs.get(preset)
+        assert applied.learning_rate == preset_config.learning_rate
+        assert dataclasses.asdict(applied.lora) == dataclasses.asdict(preset_config.lora)
+
+
+def test_named_options_come_from_the_metadata():
+    from sage_finetune_plugin.config import apply_flags, flags
+
+    run = {key: flag.name for key, flag in flags("run")}
+    assert run["learning_rate"] == "lr" and run["num_train_epochs"] == "epochs"
+    assert run["lora.r"] == "lora-r" and "system_prompt" not in run
+    quickstart = {key: flag.name for key, flag in flags("quickstart")}
+    assert quickstart["placeholders"] == "replace" and quickstart["system_prompt"] == "system"
+    config = TrainingConfig(max_steps=40, lora=LoRAConfig(r=8, lora_alpha=16))
+    changed = apply_flags(config, {"num_train_epochs": 2, "lora.r": 4, "skip_invalid": False})
+    assert changed.num_train_epochs == 2 and changed.max_steps is None  # --epochs clears it
+    assert (changed.lora.r, changed.lora.lora_alpha) == (4, 8)  # alpha / r kept
+    assert not changed.skip_invalid  # False: the flag was not given
+    both = apply_flags(config, {"num_train_epochs": 2, "max_steps": 5})
+    assert both.max_steps == 5
+
+
+def test_one_boolean_rule_for_settings_and_data():
+    from sage_finetune_plugin.config import parse_bool, parse_mapping
+
+    for word in ("true", "Yes", "on", "1", True, 1):
+        assert parse_bool(word) is True
+    for word in ("false", "No", "OFF", "0", False, 0):
+        assert parse_bool(word) is False
+    assert parse_bool("maybe") is None and parse_bool(2) is None
+    assert parse_setting("packing=on") == ("packing", True)
+    # One mapping rule for --set columns=..., --columns and --replace: a comma that is not
+    # followed by KEY= belongs to the value, and values may be empty.
+    assert parse_mapping("NAME=Smith, John,CITY=Oslo", "x") == {
+        "NAME": "Smith, John",
+        "CITY": "Oslo",
+    }
+    assert parse_mapping(["A=1", "B="], "--replace") == {"A": "1", "B": ""}

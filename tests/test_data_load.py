@@ -226,7 +226,7 @@ def test_mixed_formats_name_the_record_and_expected_keys(tmp_path: Path) -> None
 def test_bad_records(tmp_path: Path, record: dict, expected: str) -> None:
     message = error_for(write_jsonl(tmp_path / "d.jsonl", [record]))
     assert expected in message
-    assert "--skip-invalid" in message
+    assert "skip_invalid=True" in message
 
 
 def test_forced_format_reports_the_fields_it_expected(tmp_path: Path) -> None:

@@ -282,14 +282,17 @@ def test_eval_ratio_on_too_little_data_keeps_every_sample_for_training(
 
 
 def count_tokenize_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many rows the supervised method renders, call by call."""
+    from sage_finetune_plugin.methods.sft import SFT
+
     calls: list[int] = []
-    real = Renderer.tokenize_batch
+    real = SFT.render
 
-    def counting(self, batch, **kwargs):
-        calls.append(len(next(iter(batch.values()))))
-        return real(self, batch, **kwargs)
+    def counting(self, renderer, rows):
+        calls.append(len(rows))
+        return real(self, renderer, rows)
 
-    monkeypatch.setattr(Renderer, "tokenize_batch", counting)
+    monkeypatch.setattr(SFT, "render", counting)
     return calls
 
 

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from sage_finetune_plugin.cli import finetune
+from sage_finetune_plugin.cli._common import cli_words
 from sage_finetune_plugin.locks import RunLock
 from sage_finetune_plugin.meta import load_meta
 from sage_finetune_plugin.training.launch import LaunchOptions, launch_command
@@ -202,7 +203,8 @@ def test_a_failing_rank_fails_the_run_with_its_error(task: Path) -> None:
     assert "train.jsonl" in errors[0] and "rank-" in errors[0]
     records = [json.loads(p.read_text()) for p in (task / "logs").glob("rank-*.error.json")]
     first = min(records, key=lambda record: record["time"])
-    assert f"rank {first['rank']}: {first['message']} (log: " in errors[0]
+    # The rank's own error, in the command line's words.
+    assert f"rank {first['rank']}: {cli_words(first['message'])} (log: " in errors[0]
     assert rank_lines(task, first["rank"])[-1] == f"Error: {first['message']}"
     assert load_meta(task).status == "failed"
     assert (task / "logs" / "launcher-0.log").is_file()

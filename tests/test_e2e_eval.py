@@ -3,7 +3,7 @@
 Trains the task of the end-to-end test (invented facts, `quickstart qa --data`, the package's
 trainer), then runs `sage finetune eval --data` on the same facts asked in other words: the
 fine-tuned model must answer far better than the base model (exact match and ROUGE-L) and
-with a much lower loss on the answers. Run with `-s` to see the table (the README quotes it).
+with a much lower loss on the answers. Run with `-s` to see the table (docs/eval.md quotes it).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ is made with `quickstart preference` (cpu preset), trained with DPO for 30 steps
 supervised term on the chosen answers (`pref_ftx=1`), and the greedy answers of the base
 model and of the tuned one to held-out questions (other facts, other kinds of question) are
 compared. The figures are printed (run with ``-s``) and stated in the
-README ("Preference tuning").
+docs/methods.md ("Preference tuning").
 """
 
 from __future__ import annotations

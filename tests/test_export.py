@@ -101,7 +101,7 @@ def compare(task: Path, quant: str) -> dict[str, Any]:
     }
     answers, expected_answers = greedy_answers(model, tokenizer), chat_answers(task)
     figures["same_answers"] = [a == b for a, b in zip(answers, expected_answers, strict=True)]
-    print(f"{task.name} {quant}: {figures}, answers {answers}")  # the README's figures (-s)
+    print(f"{task.name} {quant}: {figures}, answers {answers}")  # docs/export.md's figures (-s)
     return figures
 
 
@@ -122,8 +122,8 @@ def exported(trained_task_template: Path, tmp_path_factory: pytest.TempPathFacto
         quant: export_task(
             task,
             quant=quant,
-            progress=messages.append,
-            tensor_progress=lambda *step: steps.append(step),
+            status=messages.append,
+            progress=lambda event: steps.append((event.done, event.total, event.tensor)),
         )
         for quant in QUANTS
     }
@@ -238,7 +238,7 @@ def test_existing_export_is_replaced_only_with_force(trained_task: Path) -> None
     before = first.path.read_bytes()
     os.utime(first.path, (1, 1))
 
-    with pytest.raises(ExportError, match=r"demo-f16\.gguf already exists: pass --force"):
+    with pytest.raises(ExportError, match=r"demo-f16\.gguf already exists: pass force=True"):
         export_task(trained_task)
     assert first.path.read_bytes() == before and first.path.stat().st_mtime == 1
     result = CliRunner().invoke(finetune, ["export", "demo", "--root", str(trained_task.parent)])
@@ -254,19 +254,19 @@ def test_existing_export_is_replaced_only_with_force(trained_task: Path) -> None
 
 
 def test_interrupted_export_leaves_nothing_and_keeps_the_old_file(trained_task: Path) -> None:
-    def interrupt(done: int, total: int, name: str) -> None:
-        if done == 5:
+    def interrupt(event) -> None:
+        if event.done == 5:
             raise KeyboardInterrupt
 
     out = trained_task / "export"
     with pytest.raises(KeyboardInterrupt):
-        export_task(trained_task, tensor_progress=interrupt)
+        export_task(trained_task, progress=interrupt)
     assert export_files(out) == []  # no file, no temporary file, no Modelfile
 
     kept = export_task(trained_task)
     before = kept.path.read_bytes()
     with pytest.raises(KeyboardInterrupt):
-        export_task(trained_task, force=True, tensor_progress=interrupt)
+        export_task(trained_task, force=True, progress=interrupt)
     assert export_files(out) == ["demo-f16.Modelfile", "demo-f16.gguf"]
     assert kept.path.read_bytes() == before
 
@@ -321,7 +321,7 @@ def test_stale_merged_model_is_merged_again(trained_task: Path) -> None:
     os.utime(adapter, (merged_at + 10, merged_at + 10))  # trained again after the merge
     messages: list[str] = []
 
-    export_task(trained_task, quant="q8_0", progress=messages.append)
+    export_task(trained_task, quant="q8_0", status=messages.append)
 
     assert any("older than the adapter: merging again" in line for line in messages)
     assert (trained_task / "merged" / "config.json").stat().st_mtime > merged_at

@@ -197,7 +197,7 @@ def test_existing_output_is_replaced_only_with_force(
     out = task / "merged"
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
 
-    with pytest.raises(MergeError, match="already exists: pass --force"):
+    with pytest.raises(MergeError, match="already exists: pass force=True"):
         merge_task(task.name, root=task.parent)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
@@ -225,7 +225,7 @@ def test_force_never_replaces_a_folder_that_is_not_a_model(task: Path) -> None:
     (target / "notes.txt").write_text("keep me")
     with pytest.raises(MergeError, match="not a model folder"):
         merge_task(task.name, root=task.parent, output=target, force=True)
-    with pytest.raises(MergeError, match="choose another --output"):
+    with pytest.raises(MergeError, match="choose another output"):
         merge_task(task.name, root=task.parent, output=task, force=True)
     assert (target / "notes.txt").read_text() == "keep me"
 

@@ -94,7 +94,7 @@ def test_custom_code_needs_trust_remote_code(tiny_model_dir: Path, tmp_path: Pat
     config = json.loads((model / "config.json").read_text())
     config.update(model_type="acme_custom", auto_map={"AutoConfig": "modeling.AcmeConfig"})
     (model / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelError, match="--trust-remote-code"):
+    with pytest.raises(ModelError, match="trust_remote_code=True"):
         resolve_model(str(model))
     assert resolve_model(str(model), trust_remote_code=True) == model
 

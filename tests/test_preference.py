@@ -19,10 +19,7 @@ from safetensors.torch import load_file
 from sage_finetune_plugin.checkpoints import latest_checkpoint
 from sage_finetune_plugin.cli import finetune
 from sage_finetune_plugin.config import LoRAConfig, TrainingConfig
-from sage_finetune_plugin.data.preference import (
-    load_preferences,
-    prepare_preferences,
-)
+from sage_finetune_plugin.data import load_training_data, prepare_dataset
 from sage_finetune_plugin.errors import DataError
 from sage_finetune_plugin.meta import load_meta
 from sage_finetune_plugin.models import load_tokenizer
@@ -52,6 +49,11 @@ def write_jsonl(path: Path, records: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def load_preferences(data, method: str = "dpo", **options):
+    """Preference records through the one data pipeline, for ``method``."""
+    return load_training_data(data, method=method, **options)
 
 
 def invoke(*args: str):
@@ -94,35 +96,37 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", [*SHAPES, "last turn split"])
 def test_every_shape_of_pair_normalizes_to_one_row(shape: str) -> None:
-    (row,) = load_preferences([SHAPES[shape]]).rows
-    assert row == {
-        "prompt": [USER],
-        "chosen": "Hello!",
-        "rejected": "Go away.",
-        "location": "record 1",
-    }
+    record = SHAPES.get(shape) or {"messages": [USER, {"chosen": "Hello!", "rejected": "Go away."}]}
+    loaded = load_preferences([record])
+    assert loaded.format == "preference" and loaded.dataset["location"] == ["record 1"]
+    assert list(loaded.records()) == [
+        {"prompt": [USER], "chosen": "Hello!", "rejected": "Go away."}
+    ]
 
 
 def test_system_prompts_and_kto_records() -> None:
-    (row,) = load_preferences([{"system": "Be kind.", **SHAPES["strings"]}]).rows
+    (row,) = load_preferences([{"system": "Be kind.", **SHAPES["strings"]}]).records()
     assert row["prompt"] == [{"role": "system", "content": "Be kind."}, USER]
     kto = load_preferences(
         [
             {"prompt": "Hi", "completion": "Hello!", "label": True},
             {"messages": [USER, BAD], "label": False},
             {"prompt": [USER], "completion": [GOOD], "kto_tag": "true"},
+            {"prompt": "Hi", "completion": "Hello!", "label": "on"},  # booleans as --set takes
         ],
         "kto",
     )
     assert kto.format == "kto"
-    assert [(r["completion"], r["label"]) for r in kto.rows] == [
+    records = list(kto.records())
+    assert [(r["completion"], r["label"]) for r in records] == [
         ("Hello!", True),
         ("Go away.", False),
         ("Hello!", True),
+        ("Hello!", True),
     ]
-    assert all(r["prompt"] == [USER] for r in kto.rows)
+    assert all(r["prompt"] == [USER] for r in records)
 
 
 MISMATCHED = {"chosen": [USER, GOOD], "rejected": [{"role": "user", "content": "Yo"}, BAD]}
@@ -136,16 +140,6 @@ BAD_RECORDS = [
         [{"prompt": "x", "chosen": "a", "rejected": "a"}],
         "dpo",
         "line 1: chosen and rejected are the same answer",
-    ),
-    (
-        [{"instruction": "x", "output": "y"}],
-        "dpo",
-        "line 1: no preference fields (keys: instruction, output)",
-    ),
-    (
-        [{"prompt": "x", "completion": "y", "label": True}],
-        "orpo",
-        "line 1: a KTO record (completion and label) but orpo needs pairs",
     ),
     (
         [{"prompt": "x", "completion": "y", "label": "maybe"}],
@@ -162,7 +156,24 @@ BAD_RECORDS = [
         [SHAPES["strings"], {"prompt": "x", "completion": "y", "label": True}],
         "kto",
         "line 2: record looks like kto (keys: completion, label, prompt) but the data is "
-        "preference (detected from line 1)",
+        "preference (detected from line 1;",
+    ),
+]
+#: Records of a kind the method does not train on: refused, never dropped.
+REFUSED = [
+    (
+        [{"instruction": "x", "output": "y"}],
+        "dpo",
+        "line 1: this is alpaca data (keys instruction, output); DPO trains on pairs of a "
+        "prompt with a chosen and a rejected answer. Train it with `sage finetune quickstart "
+        "instruction --data {data} --method sft`",
+    ),
+    (
+        [{"prompt": "x", "completion": "y", "label": True}],
+        "orpo",
+        "line 1: this is KTO data (answers marked good or bad by a boolean 'label'); ORPO "
+        "trains on pairs of a prompt with a chosen and a rejected answer. Train it with `sage "
+        "finetune quickstart preference --data {data} --method kto`",
     ),
 ]
 
@@ -176,7 +187,18 @@ def test_bad_records_are_one_line_errors_with_file_and_line(
         load_preferences(data, method)
     message = str(caught.value)
     assert message.startswith(f"{data}: ") and expected in message, message
-    assert "\n" not in message and "--skip-invalid" in message
+    assert "\n" not in message and "skip_invalid=True" in message
+
+
+@pytest.mark.parametrize(("records", "method", "expected"), REFUSED)
+def test_records_of_another_kind_are_refused_even_with_skip_invalid(
+    tmp_path: Path, records: list, method: str, expected: str
+) -> None:
+    data = write_jsonl(tmp_path / "prefs.jsonl", records)
+    for skip in (False, True):
+        with pytest.raises(DataError) as caught:
+            load_preferences(data, method, skip_invalid=skip)
+        assert str(caught.value) == f"{data}: {expected.format(data=data)}."
 
 
 def test_quickstart_reports_bad_records_in_one_line_and_skips_them(tmp_path: Path) -> None:
@@ -193,13 +215,86 @@ def test_quickstart_reports_bad_records_in_one_line_and_skips_them(tmp_path: Pat
     assert skipped.dropped == {"missing field": 1, "not an object": 1}
 
 
+def test_preference_data_from_several_sources_with_columns_and_placeholders(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The one data pipeline: two --data sources (a file and a glob), columns under other
+    names, {{KEY}} placeholders filled, as for supervised data."""
+    first = write_jsonl(
+        tmp_path / "a" / "prefs.jsonl",
+        [
+            {"question": f"Greet {{{{NAME}}}} ({i})", "good": "Hello {{NAME}}!", "bad": "Go away."}
+            for i in range(6)
+        ],
+    )
+    for part in (1, 2):
+        write_jsonl(
+            tmp_path / "b" / f"part-{part}.jsonl",
+            [{"question": f"Part {part}, {i}?", "good": "Yes.", "bad": "No."} for i in range(3)],
+        )
+    result = invoke(
+        "quickstart", "preference",
+        "--data", str(first), "--data", str(tmp_path / "b" / "*.jsonl"),
+        "--columns", "prompt=question,chosen=good,rejected=bad",
+        "--replace", "NAME=Ada",
+        "--model", str(tiny_model_dir), "--preset", "cpu",
+        "--root", str(tmp_path / "root"),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    task = tmp_path / "root" / "preference"
+    records = [
+        json.loads(line) for line in (task / "data" / "train.jsonl").read_text().splitlines()
+    ]
+    assert len(records) == 12
+    assert records[0] == {
+        "prompt": [{"role": "user", "content": "Greet Ada (0)"}],
+        "chosen": "Hello Ada!",
+        "rejected": "Go away.",
+    }
+    meta = load_meta(task)
+    assert [s["source"] for s in meta.data_stats["sources"]] == [
+        str(first),
+        str(tmp_path / "b" / "part-1.jsonl"),
+        str(tmp_path / "b" / "part-2.jsonl"),
+    ]
+    assert meta.training["columns"] == {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    assert meta.training["placeholders"] == {"NAME": "Ada"}
+    assert meta.training["method"] == "dpo" and meta.format == "preference"
+
+
+def test_the_eval_split_is_the_same_function_for_every_method(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The same ratio and seed hold out the same rows of preference data as of supervised
+    data: ``preparation.eval_split`` over the rendered records, for both."""
+    from sage_finetune_plugin.data.preparation import eval_split
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    prompts = [f"Write the number {i} as a word, please ({i})." for i in range(30)]
+    pair_records = [{"prompt": p, "chosen": "Sure.", "rejected": "No."} for p in prompts]
+    sft_records = [{"prompt": p, "completion": "Sure."} for p in prompts]
+    config = TrainingConfig(model_name=str(tiny_model_dir), eval_ratio=0.2, seed=7, max_length=64)
+    positions = eval_split(30, 0.2, 7)
+    assert positions is not None
+    expected = sorted(prompts[i] for i in positions[1])
+
+    dpo = prepare_dataset(pair_records, tokenizer, config.replace(method="dpo"))
+    sft = prepare_dataset(sft_records, tokenizer, config)
+    assert dpo.stats.eval_samples == sft.stats.eval_samples == 6
+    held_out_dpo = sorted(p for p in prompts if any(p in row for row in dpo.eval["prompt"]))
+    held_out_sft = sorted(
+        p for p in prompts if any(p in tokenizer.decode(ids) for ids in sft.eval["input_ids"])
+    )
+    assert held_out_dpo == held_out_sft == expected
+
+
 def test_rendering_follows_the_chat_template_and_is_cached(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     tokenizer = load_tokenizer(str(tiny_model_dir))
     config = TrainingConfig(model_name=str(tiny_model_dir), method="dpo", max_length=64)
     data = write_jsonl(tmp_path / "prefs.jsonl", [SHAPES["ShareGPT"]])
-    prepared = prepare_preferences(data, tokenizer, config, cache_dir=tmp_path / "cache")
+    prepared = prepare_dataset(data, tokenizer, config, cache_dir=tmp_path / "cache")
     row = prepared.train[0]
     prompt = tokenizer.apply_chat_template([USER], tokenize=False, add_generation_prompt=True)
     assert row["prompt"] == prompt
@@ -209,10 +304,10 @@ def test_rendering_follows_the_chat_template_and_is_cached(
     assert row["rejected"] == "Go away." + tokenizer.eos_token
     stats = prepared.stats
     assert (stats.samples, stats.eval_samples, stats.format) == (1, 0, "preference")
-    assert stats.prompt_max == len(tokenizer(prompt)["input_ids"])
-    again = prepare_preferences(data, tokenizer, config, cache_dir=tmp_path / "cache")
+    assert stats.method_stats["prompt_max"] == len(tokenizer(prompt)["input_ids"])
+    again = prepare_dataset(data, tokenizer, config, cache_dir=tmp_path / "cache")
     assert again.stats.from_cache and again.train[0] == row
-    kto = prepare_preferences(data, tokenizer, config.replace(method="kto"))
+    kto = prepare_dataset(data, tokenizer, config.replace(method="kto"))
     assert sorted(kto.train["label"]) == [False, True]  # a pair trains KTO as two answers
 
 
@@ -308,7 +403,7 @@ def test_dry_run_names_the_method_the_start_and_the_reference(
     assert "Starts from: a new LoRA adapter" in out  # the task has no adapter yet
     assert "Reference model: the base model with the adapter disabled" in out
     assert "no second copy of the weights" in out
-    assert "40 read, 40 valid" in out and "pairs train" in out
+    assert "40 read, 40 valid" in out and "pairs: 40 train" in out
     assert "batch 4 pairs (8 sequences) x 64 tokens" in out
     assert "reference passes (no grad, shared weights)" in out
     assert "Dry run: nothing trained, nothing written." in out
@@ -446,7 +541,7 @@ def test_estimate_matches_peak_rss_of_a_tiny_dpo_run(tiny_model_dir: Path, tmp_p
                 return next(int(l.split()[1]) for l in lines if l.startswith(key + ":"))
         start = status("VmRSS")
         from sage_finetune_plugin.config import LoRAConfig, TrainingConfig
-        from sage_finetune_plugin.training.preference import PreferenceTrainer
+        from sage_finetune_plugin import PreferenceTrainer
         PreferenceTrainer(TrainingConfig.from_dict(json.loads(sys.argv[1]))).train()
         print(json.dumps({"start": start, "peak": status("VmHWM")}))
         """

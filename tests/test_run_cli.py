@@ -50,7 +50,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(task: Path) -> None:
     result = invoke("run", str(task), "--dry-run", "--preset", "cpu", "--max-length", "48")
 
     assert result.exit_code == 0, result.output
-    for heading in ("Config:", "Device: cpu", "Data:", "Memory:", "Dry run"):
+    for heading in ("Config (", "Device: cpu", "Data:", "Memory:", "Dry run"):
         assert heading in result.output
     assert "max_length: 48" in result.output and "preset: cpu" in result.output
     assert "48 read, 48 valid" in result.output

@@ -136,7 +136,7 @@ def test_qlora_trains_on_cpu(bits: int, tiny_model_dir: Path, tmp_path: Path) ->
 
 
 def test_mission_python_api_snippet_runs(tiny_model_dir: Path) -> None:
-    """mission.md's snippet, with the 1.5B model swapped for the tiny one and 2 steps."""
+    """The snippet of docs/python-api.md, the 1.5B model swapped for the tiny one, 2 steps."""
     Path("data.json").write_text(json.dumps(records(16)))
     from sage_finetune_plugin import LoRATrainer, PresetConfigs
 

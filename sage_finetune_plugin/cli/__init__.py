@@ -16,6 +16,7 @@ from .chat import chat_command
 from .eval import eval_command
 from .export import export_command
 from .merge import merge_command
+from .methods import methods_command
 from .quickstart import quickstart_command
 from .run import run_command
 from .serve import serve_command
@@ -37,6 +38,7 @@ def finetune() -> None:
       eval code                  compare the fine-tuned model with its base
       export code / serve code   a GGUF for llama.cpp and Ollama / an OpenAI-compatible API
       cancel / delete code       stop a run from another terminal / remove a task
+      methods                    the training methods (sft, dpo, orpo, kto, plugins)
     """
 
 
@@ -51,6 +53,7 @@ for _command in (
     eval_command,
     export_command,
     serve_command,
+    methods_command,
 ):
     finetune.add_command(_command)
 

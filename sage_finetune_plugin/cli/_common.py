@@ -1,9 +1,11 @@
-"""What every command shares: error reporting, the --root option, task-name completion, the
-console logging, the progress bar and small formatting helpers."""
+"""What every command shares: error reporting (in the command line's words), the --root
+option, task-name completion, the console logging, the progress bar and small formatting
+helpers."""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,25 +17,90 @@ from ..paths import HOME_ENV, META_FILENAME, task_root
 
 
 class FinetuneCommand(click.Command):
-    """A command that reports FinetuneError as one line instead of a traceback: exit 1 (or the
+    """A command that reports FinetuneError as one line instead of a traceback, in the
+    command line's words (``skip_invalid=True`` becomes ``--skip-invalid``): exit 1 (or the
     error's own code, such as 130 for an interrupted run), exit 2 for usage problems."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        # bitsandbytes warns at import time that an optional CPU kernel package is missing.
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        from ..deps import quiet_bitsandbytes
+
+        quiet_bitsandbytes()  # peft imports it, and it warns as it loads
         try:
             return super().invoke(ctx)
         except UsageProblem as exc:
-            raise click.UsageError(str(exc), ctx=ctx) from None
+            raise click.UsageError(cli_words(str(exc)), ctx=ctx) from None
         except FinetuneError as exc:
-            error = click.ClickException(str(exc))
-            error.exit_code = exc.exit_code
+            error = click.ClickException(cli_words(str(exc)))
+            error.exit_code = exc.exit_code  # type: ignore[misc]  # click reads it per error
             raise error from None
 
 
 def command(name: str, **kwargs: Any) -> Any:
     """``@click.command`` with this plugin's error reporting."""
     return click.command(name, cls=FinetuneCommand, **kwargs)
+
+
+# --- the API's words as the command line's -------------------------------------------------------
+
+#: Parameters of the services that are options of the commands (besides the settings'
+#: flags): ``name=VALUE`` -> the option; ``name=True`` -> a flag.
+_OPTIONS = {
+    "force": "--force",
+    "resume": "--resume",
+    "data": "--data",
+    "source": "--source",
+    "quant": "--quant",
+    "dtype": "--dtype",
+    "output": "--output",
+    "max_new_tokens": "--max-new-tokens",
+    "checkpoint": "--checkpoint",
+    "engine": "--engine",
+    "port": "--port",
+    "nnodes": "--nnodes",
+    "node_rank": "--node-rank",
+    "master_addr": "--master-addr",
+}
+#: Phrases with no ``name=VALUE`` shape.
+_PHRASES = {
+    "tuned=False": "--base-only",
+    "base=False": "--no-base",
+    "base=True": "--base",
+    "columns={FIELD: COLUMN}": "--columns FIELD=COLUMN",
+    "placeholders={KEY: VALUE}": "--replace KEY=VALUE",
+}
+_TOKEN = re.compile(r"(?<![\w.'\"-])([a-z_][a-z0-9_]*(?:\.[a-z_]+)?)=([^\s,;)]*[^\s,;).])")
+
+
+def cli_words(message: str) -> str:
+    """A service's message with its parameters named as the command line's options:
+    ``skip_invalid=True`` -> ``--skip-invalid``, ``max_length=551`` -> ``--max-length 551``,
+    a setting without an option -> ``--set eval_ratio=0.1``. Text inside backquotes (a command
+    to run) and a quoted ``'name=value'`` (what the user typed) stay as they are."""
+    from ..config import setting_fields
+
+    for phrase, option in _PHRASES.items():
+        message = message.replace(phrase, option)
+    fields = setting_fields()
+
+    def as_option(match: re.Match[str]) -> str:
+        name, value = match.group(1), match.group(2)
+        flag = fields[name].metadata["flag"] if name in fields else None
+        if flag is not None:
+            flag_name = f"--{flag.name}"
+        elif name in _OPTIONS:
+            flag_name = _OPTIONS[name]
+        elif name in fields:
+            return f"--set {name}={value}"
+        else:
+            return match.group(0)
+        return flag_name if value == "True" else f"{flag_name} {value}"
+
+    pieces = message.split("`")
+    pieces[::2] = [_TOKEN.sub(as_option, piece) for piece in pieces[::2]]
+    return "`".join(pieces)
+
+
+# --- options and completion ----------------------------------------------------------------------
 
 
 def _complete_tasks(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
@@ -60,9 +127,7 @@ root_option = click.option(
 task_argument = click.argument("task", shell_complete=_complete_tasks)
 
 
-def status(message: str) -> None:
-    """Progress and status lines go to stderr, so stdout holds only results."""
-    click.echo(message, err=True)
+# --- output --------------------------------------------------------------------------------------
 
 
 def fmt(value: Any) -> str:
@@ -93,46 +158,47 @@ def enable_console_logging(level: int = logging.INFO) -> None:
         handler._sage_console = True  # type: ignore[attr-defined]
         package.addHandler(handler)
     package.setLevel(level)
-    # bitsandbytes warns at import that an optional CPU kernel package is missing.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 class ProgressBar:
-    """Draws a run's progress reports (``training.callbacks.RunProgress``) as a tqdm bar on
-    stderr with the last loss, the learning rate and tokens/s, plus one line per logging
-    step so the loss curve stays readable in the terminal."""
+    """Draws a service's progress events (``progress.Progress``) as a tqdm bar on stderr, with
+    the event's figures beside it; ``log`` events become lines above it (the loss curve stays
+    readable in the terminal), and ``status`` writes a text line above it. One bar at a
+    time: a ``start`` event replaces the previous one."""
 
     def __init__(self, file: Any = None) -> None:
-        self.file = file
+        self.file = file or sys.stderr
         self.bar: Any = None
 
     def __call__(self, progress: Any) -> None:
-        if progress.event == "start":
+        if progress.event == "start" or (self.bar is None and progress.event == "step"):
             from tqdm.auto import tqdm
 
             self.close()
             self.bar = tqdm(
-                total=progress.max_steps,
-                initial=progress.step,
-                unit="step",
-                desc="training",
+                total=progress.total,
+                initial=progress.done if progress.event == "start" else 0,
+                unit=progress.unit,
+                desc=progress.label,
                 dynamic_ncols=True,
-                file=self.file or sys.stderr,
+                file=self.file,
             )
-        elif self.bar is None:
+        if self.bar is None:
             return
-        elif progress.event == "step":
-            self.bar.update(progress.step - self.bar.n)
-            postfix = {"tok/s": f"{progress.tokens_per_second:.0f}"}
-            if progress.loss is not None:
-                postfix["loss"] = f"{progress.loss:.4f}"
-            if progress.learning_rate is not None:
-                postfix["lr"] = f"{progress.learning_rate:.2e}"
-            self.bar.set_postfix(postfix, refresh=False)
+        if progress.event == "step":
+            self.bar.update(progress.done - self.bar.n)
+            self.bar.set_postfix(progress.postfix(), refresh=False)
         elif progress.event == "log":
-            self.bar.write(progress.line(), file=self.bar.fp)
+            self.bar.write(progress.line(), file=self.file)
         elif progress.event == "end":
             self.close()
+
+    def status(self, message: str) -> None:
+        """A status line, above the bar when one is drawn."""
+        if self.bar is not None:
+            self.bar.write(cli_words(message), file=self.file)
+        else:
+            status(message)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -140,8 +206,17 @@ class ProgressBar:
             self.bar = None
 
 
+def status(message: str) -> None:
+    """Progress and status lines go to stderr, so stdout holds only results (in the command
+    line's words: see ``cli_words``)."""
+    click.echo(cli_words(message), err=True)
+
+
 def summary_lines(result: Any, task_ref: str) -> list[str]:
-    """What a finished run reports: steps, loss, speed, time, adapter and what to do next."""
+    """What a finished run reports: steps, loss, speed, time, the method's figures, the
+    adapter and what to do next."""
+    from ..methods import get_method
+
     m = result.metrics
     loss = "-" if m.get("train_loss") is None else f"{m['train_loss']:.4f}"
     processes = m.get("world_size") or 1
@@ -152,16 +227,8 @@ def summary_lines(result: Any, task_ref: str) -> list[str]:
         f"{m.get('wall_time_s', 0):.0f} s{scale}: final loss {loss}, "
         f"{m.get('tokens_per_second') or 0:.0f} tokens/s"
         + (f", effective batch {batch}." if batch else "."),
+        *get_method(result.config.method).result_lines(m),
     ]
-    if m.get("reward_margin") is not None:  # preference tuning
-        rewards = [f"margin {m['reward_margin']:.3f}"]
-        if m.get("reward_accuracy") is not None:
-            rewards.append(f"accuracy {m['reward_accuracy']:.2f}")
-        if m.get("eval_reward_margin") is not None:
-            rewards.append(f"eval margin {m['eval_reward_margin']:.3f}")
-        if m.get("eval_reward_accuracy") is not None:
-            rewards.append(f"eval accuracy {m['eval_reward_accuracy']:.2f}")
-        lines.append(f"Rewards ({m.get('method')}): {', '.join(rewards)}.")
     return [
         *lines,
         f"Adapter: {result.adapter_path}",

@@ -69,7 +69,7 @@ def chat_command(
     # The fine-tuned model loads first: an untrained task fails before the base model loads.
     wanted = [False, True] if compare else [base]
     handle = Task.open(task, root)
-    models = {flag: load_chat_model(handle, base=flag, progress=status) for flag in wanted}
+    models = {flag: load_chat_model(handle, base=flag, status=status) for flag in wanted}
     sessions = [
         (
             "base" if flag else "fine-tuned",
@@ -128,6 +128,3 @@ def _user_lines(interactive: bool) -> Iterator[str]:
             if not line:
                 return
         yield line.strip()
-
-
-# --- quickstart ------------------------------------------------------------------------------

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
-from ._common import command, root_option, status, task_argument
+from ._common import ProgressBar, command, root_option, task_argument
 
 
 @command("eval")
@@ -92,25 +90,22 @@ def eval_command(
     from ..deps import require
 
     require("torch", "transformers", "peft", "datasets", "rouge_score")
-    from ..evaluation import evaluate_task, metric_rows
+    from ..evaluation import EvalOptions, evaluate_task, metric_rows
 
-    bar = _Bar()
+    options = EvalOptions(
+        data=data,
+        split=split,
+        max_samples=max_samples,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        base=not no_base,
+        tuned=not base_only,
+        checkpoint=checkpoint,
+        skip_invalid=skip_invalid,
+    )
+    bar = ProgressBar()
     try:
-        report = evaluate_task(
-            task,
-            root=root,
-            data=data,
-            split=split,
-            max_samples=max_samples,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            base=not no_base,
-            tuned=not base_only,
-            checkpoint=checkpoint,
-            skip_invalid=skip_invalid,
-            progress=bar,
-            status=bar.status,
-        )
+        report = evaluate_task(task, options, root=root, progress=bar, status=bar.status)
     finally:
         bar.close()
     if as_json:
@@ -133,42 +128,3 @@ def eval_command(
         click.echo("  ".join(cells))
     click.echo()
     click.echo(f"Report: {report.report_md}")
-
-
-class _Bar:
-    """Draws the evaluation's progress (``evaluation.EvalProgress``) as a tqdm bar per stage
-    on stderr, with samples/s; status lines are written above it."""
-
-    def __init__(self) -> None:
-        self.bar: Any = None
-
-    def __call__(self, progress: Any) -> None:
-        if progress.event == "start":
-            from tqdm.auto import tqdm
-
-            self.close()
-            self.bar = tqdm(
-                total=progress.total,
-                unit="sample",
-                desc=f"{progress.model} {progress.stage}",
-                dynamic_ncols=True,
-                file=sys.stderr,
-            )
-        elif self.bar is None:
-            return
-        elif progress.event == "step":
-            self.bar.update(progress.done - self.bar.n)
-            self.bar.set_postfix({"samples/s": f"{progress.samples_per_second:.1f}"})
-        elif progress.event == "end":
-            self.close()
-
-    def status(self, message: str) -> None:
-        if self.bar is not None:
-            self.bar.write(message, file=sys.stderr)
-        else:
-            status(message)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
-from ._common import command, human_size, root_option, status, task_argument
+from ._common import ProgressBar, command, human_size, root_option, task_argument
 
 
 @command("export")
@@ -50,7 +48,7 @@ def export_command(
     require("torch", "transformers", "peft", "gguf")
     from ..export import export_task
 
-    bar = _TensorBar()
+    bar = ProgressBar()
     try:
         result = export_task(
             task,
@@ -59,8 +57,8 @@ def export_command(
             quant=quant,
             output=output,
             force=force,
-            progress=status,
-            tensor_progress=bar,
+            status=bar.status,
+            progress=bar,
         )
     finally:
         bar.close()
@@ -72,23 +70,3 @@ def export_command(
     click.echo("Run it with:")
     for line in result.commands:
         click.echo(f"  {line}")
-
-
-class _TensorBar:
-    """A tqdm bar over the tensors written, on stderr."""
-
-    def __init__(self) -> None:
-        self.bar: Any = None
-
-    def __call__(self, done: int, total: int, name: str) -> None:
-        if self.bar is None:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, unit="tensor", desc="export", file=sys.stderr)
-        self.bar.set_postfix_str(name, refresh=False)
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None

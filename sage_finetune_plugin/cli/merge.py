@@ -53,7 +53,7 @@ def merge_command(
         checkpoint=checkpoint,
         dtype=dtype,
         force=force,
-        progress=status,
+        status=status,
     )
     click.echo(
         f"Merged the {result.checkpoint} adapter into {result.base_model}: {result.output} "

@@ -8,11 +8,31 @@ from typing import Any
 import click
 
 from ..presets import PresetConfigs
+from ..quickstart import TASK_TYPES
 from ._common import command, root_option, status
+from ._settings import given_settings, setting_options
 from .run import run_command
 
+_TYPES = "\n".join(
+    f"      {name:<12} {kind.description} (method {kind.method})"
+    for name, kind in TASK_TYPES.items()
+)
 
-@command("quickstart")
+
+@command(
+    "quickstart",
+    help=f"""Create a task (data + config + meta) ready for `run`.
+
+    \b
+    TASK_TYPE is one of:
+{_TYPES}
+
+    code builds its data from --source; the others read --data. Records of a kind the task's
+    method does not train on (preference pairs for sft, instructions for dpo) and multimodal
+    records are refused, saying what to use instead; `sage finetune methods` lists the
+    methods and the data each reads.
+    """,
+)
 @click.argument("task_type", metavar="TASK_TYPE")
 @click.option(
     "--data",
@@ -29,50 +49,7 @@ from .run import run_command
     help="Code base for the code task [default: the current directory].",
 )
 @click.option("--name", help="Task name [default: TASK_TYPE].")
-@click.option(
-    "--format",
-    "data_format",
-    callback=lambda _ctx, _param, value: _data_format(value),
-    help="Force the data format: alpaca, qa, conversation, prompt_completion or text.",
-)
-@click.option(
-    "--columns",
-    metavar="FIELD=COLUMN,...",
-    callback=lambda _ctx, _param, value: _mapping(value, "--columns"),
-    help="Read fields stored under other names, e.g. output=response,instruction=prompt "
-    "(role=KEY,content=KEY: the keys inside conversation turns).",
-)
-@click.option(
-    "--replace",
-    "replacements",
-    metavar="KEY=VALUE",
-    multiple=True,
-    help="Fill {{KEY}} placeholders in the data with VALUE (repeatable).",
-)
-@click.option(
-    "--system",
-    "system_prompt",
-    metavar="TEXT",
-    help="Default system prompt for records without one; `chat` uses it for this task too.",
-)
-@click.option(
-    "--max-length",
-    type=click.IntRange(min=2),
-    metavar="N",
-    help="Longest sample in tokens [default: the preset's].",
-)
-@click.option(
-    "--skip-invalid",
-    is_flag=True,
-    help="Drop malformed records instead of failing (never preference, KTO or media records).",
-)
-@click.option(
-    "--method",
-    type=click.Choice(["dpo", "orpo", "kto"]),
-    default=None,
-    help="For `quickstart preference`: the method the task trains [default: dpo].",
-)
-@click.option("--model", help="Base model: hub id or local directory [default: the preset's].")
+@setting_options("quickstart")
 @click.option(
     "--preset",
     type=click.Choice(PresetConfigs.names()),
@@ -95,63 +72,29 @@ def quickstart_command(
     data: tuple[str, ...],
     source: Path | None,
     name: str | None,
-    data_format: str | None,
-    columns: dict[str, str] | None,
-    replacements: tuple[str, ...],
-    system_prompt: str | None,
-    max_length: int | None,
-    skip_invalid: bool,
-    method: str | None,
-    model: str | None,
     preset: str,
     force: bool,
     run_after: bool,
     preview: int,
     root: Path | None,
 ) -> None:
-    """Create a task (data + config + meta) ready for `run`.
-
-    \b
-    TASK_TYPE is one of:
-      code         questions and answers derived from a Python code base (--source)
-      qa           question/answer records from --data
-      instruction  alpaca instruction/input/output records from --data
-      chat         conversations (messages or ShareGPT) from --data
-      custom       any supported format from --data, detected
-      preference   chosen/rejected pairs or KTO records from --data, for --method
-                   dpo (default), orpo or kto (needs TRL)
-
-    The supervised types refuse preference pairs, KTO labels and multimodal records, saying
-    what to use instead.
-    """
     from ..deps import require
 
     require()
-    from ..quickstart import quickstart
+    from ..quickstart import QuickstartOptions, quickstart
 
-    if task_type == "code":
-        scanned = (source or Path.cwd()).expanduser().resolve()
-        status(f"Scanning Python files under {scanned}")
-    placeholders = _replacements(replacements)
-    result = quickstart(
+    options = QuickstartOptions(
         task_type,
         data=list(data) or None,
         source=source,
         name=name,
-        data_format=data_format,
-        columns=columns,
-        placeholders=placeholders,
-        system_prompt=system_prompt,
-        max_length=max_length,
-        skip_invalid=skip_invalid,
-        model=model,
         preset=preset,
         force=force,
         root=root,
         preview=preview,
-        on_status=status,
-        method=method,
+        settings=given_settings(),
     )
+    result = quickstart(options, status=status)
     _print_quickstart(result)
     if run_after:
         status(f"Training {result.task_dir} ...")
@@ -160,44 +103,12 @@ def quickstart_command(
         click.echo(f"Next: sage finetune run {result.task_dir}")
 
 
-def _data_format(value: str | None) -> str | None:
-    from ..data import resolve_format
-    from ..errors import ConfigError
-
-    try:
-        return resolve_format(value)
-    except ConfigError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-def _mapping(value: str | None, option: str) -> dict[str, str] | None:
-    from ..config import parse_mapping
-    from ..errors import ConfigError
-
-    if not value:
-        return None
-    try:
-        return parse_mapping(value, option)
-    except ConfigError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-def _replacements(items: tuple[str, ...]) -> dict[str, str] | None:
-    values = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise click.BadParameter(f"takes KEY=VALUE, got {item!r}.", param_hint="--replace")
-        values[key.strip()] = value
-    return values or None
-
-
 def _print_quickstart(result: Any) -> None:
     action = "replaced" if result.replaced else "created"
     click.echo(f"Task {result.task_dir.name!r} {action} at {result.task_dir}")
     click.echo(
         f"  model {result.config.model_name}, preset {result.config.preset}, "
-        f"format {result.config.data_format}"
+        f"format {result.config.data_format}, method {result.config.method}"
     )
     if result.code is not None:
         skipped = ", ".join(f"{n} {why}" for why, n in sorted(result.code.skipped.items()))

@@ -9,24 +9,26 @@ from typing import Any
 
 import click
 
-from ..config import METHODS, setting_keys
+from ..config import setting_help, setting_keys
 from ..errors import UsageProblem
 from ..presets import PresetConfigs
 from ..runs import QUANTIZATION, RunOptions, RunPlan
 from ._common import (
     ProgressBar,
+    cli_words,
     command,
     enable_console_logging,
     root_option,
     summary_lines,
     task_argument,
 )
+from ._settings import given_settings, setting_options
 
 
 def _complete_settings(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
     """``--set`` completes the config keys (``lora.r=``)."""
     return [
-        click.shell_completion.CompletionItem(f"{key}=")
+        click.shell_completion.CompletionItem(f"{key}=", help=setting_help(key))
         for key in setting_keys()
         if key.startswith(incomplete)
     ]
@@ -58,32 +60,7 @@ def _complete_settings(ctx: click.Context, param: click.Parameter, incomplete: s
     help="Set any training config key, typed by its field: --set packing=true "
     "--set lora.target_modules=q_proj,v_proj (repeatable).",
 )
-@click.option("--model", default=None, help="Base model (hub id or local directory).")
-@click.option(
-    "--epochs",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Passes over the data (clears the step limit unless --max-steps is given).",
-)
-@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after N steps.")
-@click.option(
-    "--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate."
-)
-@click.option(
-    "--max-length", type=click.IntRange(min=2), default=None, help="Longest sample in tokens."
-)
-@click.option(
-    "--batch-size", type=click.IntRange(min=1), default=None, help="Samples per device step."
-)
-@click.option(
-    "--grad-accum", type=click.IntRange(min=1), default=None, help="Micro-batches per step."
-)
-@click.option(
-    "--lora-r",
-    type=click.IntRange(min=1),
-    default=None,
-    help="LoRA rank (alpha is scaled to keep alpha / r).",
-)
+@setting_options("run")
 @click.option(
     "--quant",
     type=click.Choice(list(QUANTIZATION)),
@@ -94,14 +71,6 @@ def _complete_settings(ctx: click.Context, param: click.Parameter, incomplete: s
 @click.option("--8bit", "eight_bit", is_flag=True, help="Same as --quant 8bit.")
 @click.option("--no-quant", is_flag=True, help="Same as --quant none.")
 @click.option(
-    "--method",
-    type=click.Choice(METHODS),
-    default=None,
-    help="Training objective: sft, or preference tuning with dpo, orpo or kto (needs TRL). "
-    "A method other than the task's (or --data) is a new stage that continues the task's "
-    "adapter.",
-)
-@click.option(
     "--data",
     type=click.Path(path_type=Path),
     default=None,
@@ -109,7 +78,6 @@ def _complete_settings(ctx: click.Context, param: click.Parameter, incomplete: s
     help="Train on this data instead of the task's: a new stage that continues the task's "
     "adapter (preference pairs or KTO records with --method dpo|orpo|kto).",
 )
-@click.option("--skip-invalid", is_flag=True, help="Drop malformed records instead of failing.")
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint.")
 @click.option(
     "--dry-run",
@@ -150,21 +118,11 @@ def run_command(
     preset: str | None,
     recipe: Path | None,
     settings: tuple[str, ...],
-    model: str | None,
-    epochs: float | None,
-    max_steps: int | None,
-    lr: float | None,
-    max_length: int | None,
-    batch_size: int | None,
-    grad_accum: int | None,
-    lora_r: int | None,
     quant: str | None,
     four_bit: bool,
     eight_bit: bool,
     no_quant: bool,
-    method: str | None,
     data: Path | None,
-    skip_invalid: bool,
     resume: bool,
     dry_run: bool,
     force: bool,
@@ -176,11 +134,12 @@ def run_command(
     accelerate_config: Path | None,
     root: Path | None,
 ) -> None:
-    """Train a LoRA adapter for TASK (a task name or directory) from its meta file.
+    """Train an adapter for TASK (a task name or directory) from its meta file.
 
     The config is the task's recorded one, then --preset, --config FILE, each --set
     KEY=VALUE, then the named options. --method dpo|orpo|kto --data FILE adds a preference
-    stage that continues the task's adapter (SFT, then DPO). With --nproc N (and --nnodes,
+    stage that continues the task's adapter (SFT, then DPO); `sage finetune methods` lists
+    the methods. With --nproc N (and --nnodes,
     --accelerate-config) the run is data-parallel over N processes per node; rank 0 writes
     the meta, checkpoints and the adapter, and each rank logs to TASK/logs/rank-<r>.log.
     """
@@ -190,37 +149,25 @@ def run_command(
         preset=preset,
         recipe=recipe,
         settings=settings,
-        model=model,
-        epochs=epochs,
-        max_steps=max_steps,
-        learning_rate=lr,
-        max_length=max_length,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        lora_r=lora_r,
+        flags=given_settings(),
         quant=_quantization(quant, four_bit, eight_bit, no_quant),
-        method=method,
         data=data,
-        skip_invalid=skip_invalid,
         resume=resume,
         force=force,
         launch=LaunchOptions(nproc, nnodes, node_rank, master_addr, master_port, accelerate_config),
     )
     options.launch.validate()
-    from ..deps import hide_bitsandbytes, require
+    from ..deps import require
 
     require()
     from ..runs import plan_run, start_run
     from ..task import Task
-    from ..training.runtime import needs_bitsandbytes
 
-    enable_console_logging()  # before bitsandbytes is first imported: it warns at import
+    enable_console_logging()
     plan = plan_run(Task.open(task, root), options)
     if dry_run:
         _print_plan(plan)
         return
-    if plan.launch_command is None and not needs_bitsandbytes(plan.config, plan.runtime):
-        hide_bitsandbytes()  # this process trains: ~2 s less before the first step
     bar = ProgressBar()
     try:
         result = start_run(plan, progress=bar)
@@ -252,12 +199,13 @@ def _print_plan(plan: RunPlan) -> None:
 
     config, runtime = plan.config, plan.runtime
     click.echo(f"Task: {plan.task.path}")
-    click.echo("Config:")
-    for key, value in dataclasses.asdict(config).items():
-        items = value.items() if isinstance(value, dict) else [(None, value)]
-        for sub, item in items:
-            name = f"{key}.{sub}" if sub else key
-            click.echo(f"  {name}: {item:g}" if isinstance(item, float) else f"  {name}: {item}")
+    click.echo("Config (each setting's meaning after #):")
+    values = dataclasses.asdict(config)
+    for key in setting_keys():
+        owner, _, name = key.rpartition(".")
+        value = values[owner][name] if owner else values[key]
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        click.echo(f"  {key}: {shown}  # {setting_help(key)}")
     optim = runtime.optim + (
         f" (configured {config.optim})" if runtime.optim != config.optim else ""
     )
@@ -275,7 +223,7 @@ def _print_plan(plan: RunPlan) -> None:
         click.echo(f"  note: {note}")
     click.echo("Data:")
     for line in inspect_data(plan).summary().splitlines():
-        click.echo(f"  {line}")
+        click.echo(f"  {cli_words(line)}")
     click.echo(f"Memory: {plan.memory_verdict()}")
     for line in plan.memory.summary() if plan.memory else []:
         click.echo(f"  {line}")
@@ -288,7 +236,7 @@ def _print_plan(plan: RunPlan) -> None:
             f"Start: step 0, removing {plan.stale_checkpoints} checkpoint(s) of an earlier run"
         )
     for blocker in plan.blockers:
-        click.echo(f"Would refuse: {blocker}")
+        click.echo(f"Would refuse: {cli_words(str(blocker))}")
     if plan.launch_command:
         click.echo(f"Launch: {shlex.join(plan.launch_command)}")
     click.echo("Dry run: nothing trained, nothing written.")

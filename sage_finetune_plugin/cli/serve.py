@@ -43,7 +43,7 @@ def serve_command(
     require("torch", "transformers", "peft")  # to merge the adapter when needed
     from ..serve import plan_serve, run_server
 
-    plan = plan_serve(task, root=root, host=host, port=port, engine=engine, progress=status)
+    plan = plan_serve(task, root=root, host=host, port=port, engine=engine, status=status)
     status(f"Starting {plan.engine} on {plan.model_dir} ...")
 
     def ready() -> None:

@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from ..paths import HOME_ENV, resolve_task, task_root
+from ..meta import TaskStatus
+from ..paths import HOME_ENV, task_root
 from ._common import command, fmt, root_option, status, task_argument
 
 COLUMNS = [
@@ -62,7 +63,7 @@ def list_command(root: Path | None, as_json: bool) -> None:
 def _cell(key: str, row: dict[str, Any]) -> str:
     """A table cell: a running task shows step/max steps; one marked as training that no
     process holds any more is shown as crashed (continue it with run --resume)."""
-    if key == "status" and row["status"] == "training" and not row["running"]:
+    if key == "status" and row["status"] == TaskStatus.TRAINING and not row["running"]:
         return "crashed"
     if key == "steps" and row["running"] and row["steps"] is not None:
         return f"{row['steps']}/{fmt(row['max_steps'])}"
@@ -106,13 +107,7 @@ def cancel_command(task: str, wait: bool, timeout: float, root: Path | None) -> 
     from ..runs import cancel_run
     from ..task import Task
 
-    def waiting(owner: dict[str, Any]) -> None:
-        status(
-            f"Asked process {owner.get('pid')} on {owner.get('host')} to stop training "
-            f"{task!r} at the end of its current step; waiting for its checkpoint ..."
-        )
-
-    handle = cancel_run(Task.open(task, root), wait=timeout if wait else None, on_wait=waiting)
+    handle = cancel_run(Task.open(task, root), wait=timeout if wait else None, status=status)
     if not wait:
         click.echo(f"Asked the run of {task!r} to stop at the end of its current step.")
         return
@@ -136,8 +131,7 @@ def cancel_command(task: str, wait: bool, timeout: float, root: Path | None) -> 
 @root_option
 def delete_command(task: str, force: bool, root: Path | None) -> None:
     """Delete TASK: its data, checkpoints, adapter and merged model. Refused while it trains."""
-    from ..task import delete_task_dir
+    from ..task import delete_task
 
-    path = resolve_task(task, root)
-    delete_task_dir(path, force=force)
+    path = delete_task(task, root=root, force=force)
     click.echo(f"Deleted task {path.name!r} ({path}).")

@@ -1,12 +1,15 @@
-"""The data layer: from the user's files to tokenized, masked, cached training samples.
+"""The data layer: one pipeline from the user's files to rendered, cached training samples
+for every training method.
 
-Stages, one module each: ``formats`` (recognise, validate, normalize a record; refuse the kinds
-supervised fine-tuning does not train), ``readers`` (the sources a ``--data`` value names, and
-records from JSON, JSONL, CSV, Parquet, text files, saved and Hugging Face datasets),
-``loading`` (validated records of one or several sources, memory-mapped), ``rendering`` (chat
-template, prompt masking, tokens and labels), ``preparation`` (tokenize, statistics, eval split,
-cache), ``collators`` (padding, packing) and ``code`` (datasets derived from a Python code
-base). datasets, transformers and torch are imported inside the functions that use them.
+Stages, one module each: ``readers`` (the sources a ``data`` value names, and records from
+JSON, JSONL, CSV, Parquet, text files, saved and Hugging Face datasets), ``formats``
+(recognise, validate, normalize a record for a method; refuse the kinds it does not train;
+the records themselves in ``messages``, ``supervised`` and ``preference``), ``loading``
+(validated records of one or several sources, memory-mapped), ``rendering`` (chat template,
+prompt masking, tokens and labels), ``preparation`` (render through the method, statistics,
+eval split), ``cache``, ``collators`` (padding, packing) and ``code`` (datasets derived from a
+Python code base). datasets, transformers and torch are imported inside the functions that use
+them.
 """
 
 from __future__ import annotations
@@ -15,7 +18,13 @@ from .code import CodeDataset, build_code_dataset
 from .collators import PackingCollator, PaddingCollator, make_collator
 from .formats import FORMATS, canonical_record, record_kind, resolve_format
 from .loading import LoadedData, WrongFormat, load_training_data
-from .preparation import DataStats, PreparedDataset, prepare_dataset
+from .preparation import (
+    DataStats,
+    PreparedDataset,
+    PrepareOptions,
+    prepare_dataset,
+    preview_samples,
+)
 from .readers import content_hash
 from .rendering import (
     IGNORE_INDEX,
@@ -24,7 +33,6 @@ from .rendering import (
     format_conversation_sample,
     format_qa_sample,
     format_text_sample,
-    preview_samples,
 )
 
 __all__ = [
@@ -35,6 +43,7 @@ __all__ = [
     "LoadedData",
     "PackingCollator",
     "PaddingCollator",
+    "PrepareOptions",
     "PreparedDataset",
     "Renderer",
     "WrongFormat",

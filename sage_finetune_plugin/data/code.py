@@ -81,7 +81,7 @@ def build_code_dataset(source: str | os.PathLike[str]) -> CodeDataset:
     """
     root = Path(source).expanduser().resolve()
     if not root.is_dir():
-        raise DataError(f"{root}: not a directory; point --source at a Python code base.")
+        raise DataError(f"{root}: not a directory; point source at a Python code base.")
     skipped: Counter[str] = Counter()
     seen_files: set[str] = set()
     seen_records: set[str] = set()
@@ -114,7 +114,7 @@ def build_code_dataset(source: str | os.PathLike[str]) -> CodeDataset:
         raise DataError(
             f"No usable Python files under {root}"
             + (f" (skipped: {detail})" if detail else "")
-            + ". Point --source at a Python code base."
+            + ". Point source at a Python code base."
         )
     if not records:
         raise DataError(

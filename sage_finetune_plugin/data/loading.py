@@ -1,11 +1,13 @@
 """Loading: read the sources, validate and normalize every record, keep them memory-mapped.
 
-``load_training_data`` streams records from each source through the format validator into an
-Arrow file that datasets memory-maps, so memory does not grow with the data. Each source's
-format is detected from its first record (or forced) and every record of it must match; a bad
-record stops with one line naming the source and the record, or is dropped and counted with
-``skip_invalid``. Records of a kind supervised fine-tuning does not train (preference, KTO,
-multimodal) always stop it. Sources in different chat formats are combined as conversations.
+``load_training_data`` streams records from each source through the format validator of the
+training method into an Arrow file that datasets memory-maps, so memory does not grow with the
+data. Each source's format is detected from its first record (among the formats the method
+reads) or forced, and every record of it must match; a bad record stops with one line naming
+the source and the record, or is dropped and counted with ``skip_invalid``. Records of a kind
+the method does not train on (preference pairs for supervised fine-tuning, instructions for
+DPO) and media always stop it. Sources in different chat formats are combined as
+conversations.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DataError
+from ..methods import get_method
 from .formats import (
     Invalid,
     Unsupported,
     Validator,
     canonical_record,
     combined_format,
+    normalized_features,
     placeholder_warning,
     resolve_format,
 )
@@ -42,7 +46,7 @@ class WrongFormat(DataError):
 
     def __init__(self, where: str, detail: str, *, expected: str, found: str) -> None:
         super().__init__(
-            f"{where}: {detail}: force --format {found}, or let the format be detected."
+            f"{where}: {detail}: force data_format={found}, or let the format be detected."
         )
         self.where = where
         self.detail = detail
@@ -52,20 +56,22 @@ class WrongFormat(DataError):
 
 @dataclass(frozen=True)
 class ReadOptions:
-    """How records are read: a forced format, dropping bad records, column names, placeholders."""
+    """How records are read: for which training method, a forced format, dropping bad records,
+    column names, placeholders."""
 
     format: str | None = None
     skip_invalid: bool = False
     columns: Mapping[str, str] | None = None
     placeholders: Mapping[str, str] | None = None
+    method: str = "sft"
 
 
 @dataclass
 class LoadedData:
     """Validated, normalized records (memory-mapped) and what loading found.
 
-    ``dataset`` has the columns kind, messages, context, tools and location (see
-    ``formats``); ``records()`` gives them back in the canonical spelling of ``format``.
+    ``dataset`` has the columns of a normalized row (see ``formats``); ``records()`` gives
+    them back in the canonical spelling of ``format``.
     ``dropped`` counts invalid records by reason; ``sources`` has one entry per source
     (``source``, ``format``, ``read``, ``valid``, ``invalid``); ``warnings`` says what the
     user should look at (placeholders left in the text).
@@ -102,26 +108,28 @@ def load_training_data(
     skip_invalid: bool = False,
     columns: Mapping[str, str] | None = None,
     placeholders: Mapping[str, str] | None = None,
+    method: str = "sft",
 ) -> LoadedData:
-    """Read, validate and normalize training data.
+    """Read, validate and normalize training data for the training ``method``.
 
     ``path`` is a ``.jsonl``, ``.json`` (a list, or an object holding one list), ``.csv``,
     ``.parquet`` or ``.txt`` file (one text sample per blank-line-separated block), a folder of
     such files or a directory written by ``datasets.save_to_disk``, a glob, a Hugging Face
     dataset id (``org/name[:split]``), a list of these (read in order), or a list of records.
-    Each source's format (alpaca, qa, conversation, prompt_completion, text) is detected from
-    its first record and every other record must match it, unless ``format`` forces one.
+    Each source's format (for sft: alpaca, qa, conversation, prompt_completion, text; for dpo
+    and orpo: preference; for kto: kto or preference) is detected from its first record and
+    every other record must match it, unless ``format`` forces one.
     ``columns`` maps fields to the names a file uses (``{"output": "response"}``; ``role`` and
     ``content`` for the keys of conversation turns); ``placeholders`` fills ``{{KEY}}`` in the
     text. A bad record raises DataError naming it; with ``skip_invalid`` bad records are
-    dropped and counted by reason instead. Preference, KTO and multimodal records are refused
-    in any case. No valid record left raises DataError.
+    dropped and counted by reason instead. Records of a format the method does not read, and
+    multimodal records, are refused in any case. No valid record left raises DataError.
 
     JSONL, CSV, Parquet and text files are read one record at a time and the normalized
     records go to an Arrow file that is memory-mapped, so memory does not grow with the data.
     A ``.json`` array is parsed whole: use JSONL for large data.
     """
-    options = ReadOptions(resolve_format(format), skip_invalid, columns, placeholders)
+    options = ReadOptions(resolve_format(format), skip_invalid, columns, placeholders, method)
     return load_normalized(path, options, content_hash(path))
 
 
@@ -141,16 +149,17 @@ def load_normalized(path: DataSource, options: ReadOptions, digest: str) -> Load
     examples: dict[str, str] = {}
     per_source: list[dict[str, Any]] = []
     warnings: list[str] = []
+    reader = get_method(options.method).reader
     # datasets removes its temporary cache directory when the process ends; until then the
     # normalized file stays valid for everything derived from it (map, shuffle, ...).
     workdir = tempfile.mkdtemp(prefix="normalized-", dir=get_temporary_cache_files_directory())
     arrow_file = os.path.join(workdir, "normalized.arrow")
     try:
         with ArrowWriter(features=normalized_features(), path=arrow_file) as writer:
-            for source_name, records, named in sources:
-                validator = Validator(options.format, options.columns, options.placeholders)
+            for source_name, source_records, named in sources:
+                validator = Validator(reader, options.format, options.columns, options.placeholders)
                 read = invalid = 0
-                for location, record in records:
+                for location, record in source_records:
                     read += 1
                     try:
                         row = _normalize(validator, record, location, source_name, options)
@@ -220,21 +229,5 @@ def _normalize(
                 expected=validator.format or "",
                 found=exc.looks_like,
             ) from None
-        hint = " (or pass --skip-invalid to drop bad records)"
+        hint = " (or pass skip_invalid=True to drop bad records)"
         raise DataError(f"{source}: {location}: {exc}{hint}.") from None
-
-
-def normalized_features() -> Any:
-    from datasets import Features, List, Value
-
-    return Features(
-        {
-            "kind": Value("string"),
-            "messages": List(
-                {"role": Value("string"), "content": Value("string"), "extra": Value("string")}
-            ),
-            "context": Value("string"),
-            "tools": Value("string"),
-            "location": Value("string"),
-        }
-    )

@@ -138,7 +138,7 @@ def _folder(name: str, folder: Path, split: str | None) -> list[Source]:
         raise DataError(
             f"{name}: a dataset with a loading script ({script.name}), which the datasets "
             "library no longer runs (since 4.0): export its data to .jsonl or .parquet files "
-            "and pass those with --data."
+            "and pass those as data."
         )
     from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
 
@@ -183,7 +183,7 @@ def _load_hub_dataset(name: str, dataset_id: str, split: str | None) -> Any:
         raise DataError(
             f"{name}: no such file or folder, and the Hugging Face dataset {dataset_id!r} is "
             f"not in the local datasets cache ({first_line(exc)}). Download it once with network "
-            f"access ({fetch}), or save its files locally and pass them with --data."
+            f"access ({fetch}), or save its files locally and pass them as data."
         ) from None
 
 
@@ -356,7 +356,7 @@ def _path_digest(path: Path) -> str:
     for file in files:
         digest.update(str(file.relative_to(path) if path.is_dir() else "").encode())
         with open_binary(file) as handle:
-            for chunk in iter(lambda h=handle: h.read(1 << 20), b""):
+            while chunk := handle.read(1 << 20):
                 digest.update(chunk)
     return digest.hexdigest()
 
@@ -375,7 +375,8 @@ def content_hash(
     (in order), or of records."""
     digest = hashlib.sha256()
     if is_records(source):
-        digest.update(json.dumps(list(source), sort_keys=True, ensure_ascii=False).encode())
+        records = list(source)  # type: ignore[arg-type]
+        digest.update(json.dumps(records, sort_keys=True, ensure_ascii=False).encode())
         return digest.hexdigest()
     sources = resolve_sources(source)  # type: ignore[arg-type]
     if len(sources) == 1:

@@ -25,8 +25,6 @@ from .formats import Invalid, Unsupported, Validator, message_dicts, row_tools, 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from .loading import LoadedData
-
 
 #: Label value the loss ignores.
 IGNORE_INDEX = -100
@@ -89,6 +87,29 @@ class Renderer:
         if self.chat_template:
             return self._template_segments(messages, row, tools)
         return self._fallback_segments(messages, row.get("context", ""))
+
+    def prompt_and_answer(
+        self, prompt: Sequence[Mapping[str, Any]], answer: str, location: str
+    ) -> tuple[str, str]:
+        """A prompt (its messages) and one answer as TRL's "standard" text pair: the prompt as
+        the model sees it up to where the answer starts (without the BOS, which TRL's
+        tokenization adds itself), and the answer with its end of turn and EOS."""
+        row = {
+            "kind": "chat",
+            "messages": [*prompt, {"role": "assistant", "content": answer, "extra": ""}],
+            "context": "",
+            "location": location,
+        }
+        segments = self.segments(row)
+        last = max(i for i, (_, trainable) in enumerate(segments) if trainable)
+        prompt_text = "".join(text for text, _ in segments[:last])
+        answer_text = segments[last][0]
+        if not answer_text.endswith(self.eos):
+            answer_text += self.eos
+        bos = getattr(self.tokenizer, "bos_token", None)
+        if self.bos_ids and bos and prompt_text.startswith(bos):
+            prompt_text = prompt_text[len(bos) :]
+        return prompt_text, answer_text
 
     def segments_batch(self, rows: Sequence[Mapping[str, Any]]) -> list[list[tuple[str, bool]]]:
         """``segments`` of each row, the same pieces, faster: conversations without tools are
@@ -233,7 +254,7 @@ class Renderer:
                 and rest.startswith(answer)
             ):
                 self._turn_markers = (header, end)
-        return self._turn_markers or None
+        return self._turn_markers if isinstance(self._turn_markers, tuple) else None
 
     def _split_turns(
         self, messages: list[dict[str, Any]], full: str
@@ -349,37 +370,11 @@ class Renderer:
         batch encoder without offsets where there is one (the same ids, a fifth faster), else
         through the tokenizer's own call."""
         assert self.tokenizer is not None
-        backend = getattr(self.tokenizer, "_tokenizer", None)
+        backend: Any = getattr(self.tokenizer, "_tokenizer", None)
         if hasattr(backend, "encode_batch_fast") and getattr(self.tokenizer, "is_fast", False):
             encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
             return [encoding.ids for encoding in encodings]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-    def tokenize_batch(
-        self, batch: Mapping[str, list[Any]], *, keep_empty: bool = False
-    ) -> dict[str, list[Any]]:
-        """Dataset.map function: drops samples whose trainable tokens were all cut off (with
-        ``keep_empty`` they stay, with ``trainable`` 0, for the statistics)."""
-        rows = [
-            dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)
-        ]
-        out: dict[str, list[Any]] = {
-            "input_ids": [],
-            "labels": [],
-            "length": [],
-            "trainable": [],
-            "full_length": [],
-        }
-        for ids, labels, full_length in self.encode(rows):
-            trainable = sum(1 for label in labels[1:] if label != IGNORE_INDEX)
-            if not trainable and not keep_empty:
-                continue
-            out["input_ids"].append(ids)
-            out["labels"].append(labels)
-            out["length"].append(len(ids))
-            out["trainable"].append(trainable)
-            out["full_length"].append(full_length)
-        return out
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything about the tokenizer and template that changes the tokens produced."""
@@ -401,42 +396,13 @@ class Renderer:
         }
 
 
-def preview_samples(
-    loaded: LoadedData,
-    tokenizer: PreTrainedTokenizerBase,
-    count: int,
-    *,
-    max_length: int | None = None,
-    train_on_prompt: bool = False,
-    system_prompt: str | None = None,
-) -> list[list[tuple[str, bool]]]:
-    """The first ``count`` samples as the model sees them: decoded token runs, each marked
-    trainable (in the loss) or not, after truncation."""
-    renderer = Renderer(
-        tokenizer,
-        max_length=max_length,
-        train_on_prompt=train_on_prompt,
-        system_prompt=system_prompt,
-    )
-    rows = list(loaded.dataset.select(range(min(count, len(loaded)))))
-    samples = []
-    for ids, labels, _ in renderer.encode(rows):
-        runs: list[tuple[list[int], bool]] = []
-        for token, label in zip(ids, labels, strict=True):
-            trainable = label != IGNORE_INDEX
-            if runs and runs[-1][1] == trainable:
-                runs[-1][0].append(token)
-            else:
-                runs.append(([token], trainable))
-        samples.append([(tokenizer.decode(tokens), trainable) for tokens, trainable in runs])
-    return samples
-
-
 def _format_sample(
     fmt: str, record: Mapping[str, Any], tokenizer: Any, system_prompt: str | None
 ) -> str:
+    from ..methods import get_method
+
     try:
-        row = Validator(fmt).normalize(record, "record")
+        row = Validator(get_method("sft").reader, fmt).normalize(record, "record")
     except Unsupported as exc:
         raise DataError(f"Record: {exc.message('FILE')}.") from None
     except Invalid as exc:

@@ -1,8 +1,8 @@
 """Trainer callbacks: progress reports, a graceful stop on Ctrl-C or `cancel`, rank logs.
 
-``ProgressCallback`` turns the Trainer's events into ``RunProgress`` snapshots (step, loss,
-learning rate, trained tokens per second) handed to a sink: the recipe records them in the
-task's meta and passes them on; the command layer draws them as a progress bar. Nothing here
+``ProgressCallback`` turns the Trainer's events into ``RunProgress`` events (step, loss,
+learning rate, trained tokens per second) handed to a sink: the task's books record them in
+the meta and pass them on; the command layer draws them as a progress bar. Nothing here
 prints.
 
 ``StopOnSignal`` turns the first SIGINT/SIGTERM, or a cancel request file written by
@@ -24,21 +24,38 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from ..progress import Progress
+
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RunProgress:
-    """A snapshot of a run. ``event`` is ``start``, ``step`` (after each optimizer step),
-    ``log`` (a logging or evaluation step; ``logs`` holds what the Trainer logged) or ``end``."""
+class RunProgress(Progress):
+    """A snapshot of a run: ``done`` optimizer steps of ``total`` (also ``step`` and
+    ``max_steps``). ``event`` is ``start``, ``step`` (after each optimizer step), ``log`` (a
+    logging or evaluation step; ``logs`` holds what the Trainer logged) or ``end``."""
 
-    event: str
-    step: int
-    max_steps: int
+    label: str = "training"
     tokens_per_second: float = 0.0
     loss: float | None = None
     learning_rate: float | None = None
     logs: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def step(self) -> int:
+        return self.done
+
+    @property
+    def max_steps(self) -> int:
+        return self.total
+
+    def postfix(self) -> dict[str, str]:
+        figures = {"tok/s": f"{self.tokens_per_second:.0f}"}
+        if self.loss is not None:
+            figures["loss"] = f"{self.loss:.4f}"
+        if self.learning_rate is not None:
+            figures["lr"] = f"{self.learning_rate:.2e}"
+        return figures
 
     def line(self) -> str:
         """The logging step as one line: step, loss, eval loss, learning rate, tokens/s."""
@@ -53,13 +70,10 @@ class RunProgress:
         return "  ".join(parts)
 
 
-ProgressSink = Callable[[RunProgress], None]
-
-
 class ProgressCallback(TrainerCallback):
     """Reports the run to ``sink`` from the main process only (one report per run)."""
 
-    def __init__(self, sink: ProgressSink) -> None:
+    def __init__(self, sink: Callable[[RunProgress], None]) -> None:
         self.sink = sink
         self.loss: float | None = None
         self.lr: float | None = None
@@ -74,10 +88,10 @@ class ProgressCallback(TrainerCallback):
                 event,
                 state.global_step,
                 state.max_steps,
-                tokens / elapsed if elapsed > 0 else 0.0,
-                self.loss,
-                self.lr,
-                dict(logs or {}),
+                tokens_per_second=tokens / elapsed if elapsed > 0 else 0.0,
+                loss=self.loss,
+                learning_rate=self.lr,
+                logs=dict(logs or {}),
             )
         )
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, FinetuneError, TrainingError, TrainingInterrupted, UsageProblem
+from ..meta import TaskStatus
 from ..paths import LAUNCH_CONFIG, LOGS_DIR
 from .distributed import LAUNCHED_ENV, error_record, rank_log
 from .metrics import TrainResult
@@ -61,17 +62,18 @@ class LaunchOptions:
 
     def validate(self) -> None:
         if self.nproc is not None and self.nproc < 1:
-            raise UsageProblem(f"--nproc must be at least 1 (got {self.nproc}).")
+            raise UsageProblem(f"nproc must be at least 1 (got {self.nproc}).")
         if self.nnodes < 1:
-            raise UsageProblem(f"--nnodes must be at least 1 (got {self.nnodes}).")
+            raise UsageProblem(f"nnodes must be at least 1 (got {self.nnodes}).")
         if not 0 <= self.node_rank < self.nnodes:
             raise UsageProblem(
-                f"--node-rank must be between 0 and {self.nnodes - 1} (got {self.node_rank})."
+                f"node_rank={self.node_rank} is not between 0 and {self.nnodes - 1} (nodes "
+                "count from 0)."
             )
         if not self.single_node and not self.master_addr:
             raise UsageProblem(
-                "--nnodes > 1 needs --master-addr: the address of node 0, reachable from every "
-                "node."
+                f"nnodes={self.nnodes} needs master_addr=ADDRESS: the address of node 0, "
+                "reachable from every node."
             )
         config = self.accelerate_config
         if config is not None and not Path(config).is_file():
@@ -258,7 +260,7 @@ def _failure(
     if ranks is not None:
         records = [r for r in records if r.get("rank") in ranks] or records
     with contextlib.suppress(FinetuneError):
-        if task.reload().status == "interrupted":
+        if task.reload().status == TaskStatus.INTERRUPTED:
             return TrainingInterrupted(
                 f"Training of {task_dir} interrupted: continue with "
                 f"`sage finetune run {task_dir} --resume` (and the same --nproc)."
@@ -280,5 +282,5 @@ def _failure(
 def _mark_failed(task: Task) -> None:
     """A rank 0 that was stopped because another rank failed could not record it."""
     with contextlib.suppress(FinetuneError):
-        if task.reload().status == "training":
-            task.update(status="failed")
+        if task.reload().status == TaskStatus.TRAINING:
+            task.update(status=TaskStatus.FAILED)

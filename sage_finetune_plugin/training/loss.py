@@ -118,7 +118,7 @@ def answer_token_loss(
     hidden: torch.Tensor,
     head: torch.nn.Linear,
     labels: torch.Tensor,
-    num_items_in_batch: torch.Tensor | int | None = None,
+    num_items_in_batch: Any = None,
 ) -> torch.Tensor:
     """The causal-LM cross-entropy of ``hidden`` (batch x sequence x hidden, the decoder's
     output) through ``head`` against ``labels`` shifted by one, on labelled positions only:
@@ -155,7 +155,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """The loss and, in the same pass, its gradients; backward only scales them."""
 
     @staticmethod
-    def forward(ctx: Any, hidden, weight, bias, targets, chunk):  # type: ignore[override]
+    def forward(ctx: Any, hidden, weight, bias, targets, chunk):
         grads = tuple(bool(flag) for flag in ctx.needs_input_grad[:3])
         total, *saved = _chunked(hidden, weight, bias, targets, chunk, grads=grads)
         ctx.save_for_backward(*(t for t in saved if t is not None))
@@ -163,7 +163,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad_total: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad_total: torch.Tensor):
         stored = iter(ctx.saved_tensors)
         saved = [next(stored) if present else None for present in ctx.present]
         scaled = [None if g is None else (g * grad_total.to(g.dtype)).to(g.dtype) for g in saved]
@@ -177,7 +177,7 @@ def _chunked(
     targets: torch.Tensor,
     chunk: int,
     *,
-    grads: tuple[bool, bool, bool],
+    grads: tuple[bool, ...],
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Summed loss and the requested gradients of it (hidden, weight, bias)."""
     device = hidden.device
@@ -227,9 +227,9 @@ def _chunked(
             # d loss / d logits = softmax - one-hot, in place of the logits
             probabilities = logits.sub_(log_z).exp_()
             probabilities.scatter_add_(1, target, probabilities.new_full(target.shape, -1.0))
-            if grads[0]:
+            if grad_hidden is not None:
                 grad_hidden[start:end] = torch.mm(probabilities.to(compute), w).to(hidden.dtype)
-            if grads[1]:
+            if grad_weight is not None:
                 grad_weight += torch.mm(probabilities.t(), h.float())
             if grad_bias is not None:
                 grad_bias += probabilities.sum(0)

@@ -49,8 +49,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..config import ALL_LINEAR, TrainingConfig
+from ..adapters import adapter_for
+from ..config import TrainingConfig
 from ..errors import ModelError
+from ..methods import get_method
 from .runtime import (
     ANSWER_LOSS_MODEL_TYPES,
     LOSS_CHUNK_ELEMENTS,
@@ -61,6 +63,7 @@ from .runtime import (
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
+
 
 GIB = 2**30
 MIB = 2**20
@@ -95,10 +98,22 @@ FUSED_HEAD_CHUNK = 32768
 #: fp32 chunk-sized tensors alive in a reference pass: logits, their exponentials, the
 #: log-softmax (measured on SmolLM2: the reference passes add 1.0 GiB at 2048 positions).
 NO_GRAD_LOGITS_COPIES = 3
-#: Sequences per sample in one training forward pass: a pair's two answers go together.
-SEQUENCES_PER_SAMPLE = {"dpo": 2, "orpo": 2}
-#: Methods that run a reference model (passes without gradients, one after the other).
-REFERENCE_METHODS = ("dpo", "kto")
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """How a method's step uses memory beyond plain supervised training (training/memory.py).
+
+    ``sequences_per_sample``: sequences run together per sample (a pair's two answers);
+    ``reference``: forward passes of a frozen reference model; ``fused_head``: logits scored in
+    chunks by the trainer; ``dropout``: whether LoRA dropout stays on; ``answer_loss``: the loss
+    of training/loss.py (answer tokens only, in chunks) where the model allows it."""
+
+    sequences_per_sample: int = 1
+    reference: bool = False
+    fused_head: bool = False
+    dropout: bool = True
+    answer_loss: bool = False
 
 
 @dataclass
@@ -125,6 +140,8 @@ class MemoryEstimate:
     #: copy of a continued adapter.
     reference: int = 0
     method: str = "sft"
+    #: Sequences per sample in one forward pass (a pair's two answers go together).
+    sequences_per_sample: int = 1
 
     COMPONENTS = (
         "weights",
@@ -148,8 +165,8 @@ class MemoryEstimate:
         """Human-readable lines: the setting, then one line per component and the total."""
         quantized = f", {self.quantization}" if self.quantization else ""
         checkpointing = ", gradient checkpointing" if self.gradient_checkpointing else ""
-        if self.method in SEQUENCES_PER_SAMPLE:  # both answers of each pair
-            pairs = self.batch_size // SEQUENCES_PER_SAMPLE[self.method]
+        if self.sequences_per_sample > 1:  # both answers of each pair
+            pairs = self.batch_size // self.sequences_per_sample
             batch = f"batch {pairs} pairs ({self.batch_size} sequences)"
         else:
             batch = f"batch {self.batch_size}"
@@ -172,7 +189,7 @@ class MemoryEstimate:
         lines += [
             f"  {labels[name]:<42} {_gib(getattr(self, name))}"
             for name in self.COMPONENTS
-            if name != "reference" or self.method in REFERENCE_METHODS
+            if name != "reference" or self.reference
         ]
         lines.append(f"  {'total (peak)':<42} {_gib(self.total)}")
         return lines
@@ -209,22 +226,27 @@ def estimate_memory(
     if hardware is None and device is not None:
         hardware = Hardware.assumed(device)
     runtime = resolve_runtime(config, hardware)
+    profile = get_method(config.method).memory
+    adapter = adapter_for(config)
     arch = _Architecture.of(model_config, config.trust_remote_code)
-    answer_loss = config.method == "sft" and _answer_loss(model_config)
-    setting = _Setting.of(config, runtime, seq_len, answer_loss=answer_loss)
-    lora = arch.lora_layers(config.lora.target_modules)
-    trainable = sum(config.lora.r * (layer.in_features + layer.out_features) for layer in lora)
-    dropout = config.lora.lora_dropout if config.method == "sft" else 0.0  # TRL disables it
-    # Bytes per token one decoder layer saves for backward, its LoRA layers included.
-    layer = _layer_bytes_per_token(arch, setting) + _lora_bytes_per_token(
-        lora, setting, config.lora.r, dropout
+    answer_loss = profile.answer_loss and _answer_loss(model_config)
+    setting = _Setting.of(config, runtime, seq_len, profile, answer_loss=answer_loss)
+    adapted = adapter.adapted_layers(arch.linears, config)
+    trainable = adapter.trainable_parameters(adapted, config)
+    # Bytes per token one decoder layer saves for backward, its adapted layers included.
+    layer = _layer_bytes_per_token(arch, setting) + adapter.saved_bytes_per_token(
+        adapted,
+        config,
+        element=setting.element,
+        mask_element=setting.mask_element,
+        dropout=profile.dropout,
     ) / max(arch.layers, 1)
     activations = _activations(arch, setting, layer, config)
     if answer_loss:
         logits = _answer_loss_logits(arch, setting)
-    else:  # TRL's DPO and KTO score through a fused head
-        logits = _logits(arch, setting, fused=config.method in REFERENCE_METHODS)
-    reference = _reference(arch, setting, layer, config, trainable)
+    else:
+        logits = _logits(arch, setting, fused=profile.fused_head)
+    reference = _reference(arch, setting, layer, config, trainable) if profile.reference else 0
     return MemoryEstimate(
         model_name=config.model_name,
         device=runtime.device,
@@ -244,6 +266,7 @@ def estimate_memory(
         overhead=_overhead(arch, setting, layer, activations + logits + reference),
         reference=reference,
         method=config.method,
+        sequences_per_sample=profile.sequences_per_sample,
     )
 
 
@@ -318,22 +341,6 @@ class _Architecture:
             linears=linears,
         )
 
-    def lora_layers(self, targets: list[str] | str) -> list[_Linear]:
-        """The linear layers peft adapts for ``target_modules`` (the output head excluded)."""
-        if targets == ALL_LINEAR:
-            return list(self.linears)
-        if isinstance(targets, str):  # peft: a regular expression on the full name
-            import re
-
-            pattern = re.compile(targets)
-            return [layer for layer in self.linears if pattern.fullmatch(layer.name)]
-        wanted = set(targets)
-        return [
-            layer
-            for layer in self.linears
-            if layer.name.rpartition(".")[2] in wanted or layer.name in wanted
-        ]
-
 
 def _meta_model(config: PretrainedConfig, trust_remote_code: bool) -> Any:
     """The model built on the meta device: shapes only, nothing allocated."""
@@ -402,11 +409,12 @@ class _Setting:
         config: TrainingConfig,
         runtime: Runtime,
         seq_len: int | None,
+        profile: MemoryProfile,
         *,
         answer_loss: bool = False,
     ) -> _Setting:
         length = min(seq_len or config.max_length, config.max_length)
-        batch = config.per_device_train_batch_size * SEQUENCES_PER_SAMPLE.get(config.method, 1)
+        batch = config.per_device_train_batch_size * profile.sequences_per_sample
         device, precision = runtime.device, runtime.dtype_name
         if config.packing:  # the collator packs a batch into one row
             # Attention within each sample (training/attention.py): no mask of the row.
@@ -492,18 +500,6 @@ def _layer_bytes_per_token(arch: _Architecture, setting: _Setting) -> int:
     return norms + attention + mlp
 
 
-def _lora_bytes_per_token(lora: list[_Linear], setting: _Setting, rank: int, dropout: float) -> int:
-    """Bytes per token all LoRA layers save: with dropout, each its mask and dropped input;
-    without, each input once per parent module and input size (q/k/v share one). The
-    attention output projection reads the output attention already saved."""
-    e = setting.element
-    total = len(lora) * rank * e
-    if dropout > 0:
-        return total + sum(layer.in_features * (e + setting.mask_element) for layer in lora)
-    inputs = {(layer.parent, layer.in_features) for layer in lora}
-    return total + sum(size for _, size in inputs) * e
-
-
 def _dequantization_workspace(
     arch: _Architecture, setting: _Setting, config: TrainingConfig
 ) -> int:
@@ -541,8 +537,6 @@ def _reference(
     """The reference passes, run while the policy's activations and logits are held: one
     layer's tensors and one chunk of logits at a time; plus the frozen copy of a continued
     adapter."""
-    if config.method not in REFERENCE_METHODS:
-        return 0
     hidden = 2 * arch.hidden * setting.element  # a layer's input and output
     positions = min(setting.tokens, FUSED_HEAD_CHUNK)
     head = positions * arch.vocab * 4 * NO_GRAD_LOGITS_COPIES

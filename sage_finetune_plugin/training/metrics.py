@@ -1,7 +1,9 @@
-"""What a run produced and measured: the result, loss histories, peak memory, the loss curve.
+"""What a run produced and measured: the engine's outcome, the caller's result, the metrics.
 
-matplotlib and torch are imported inside the functions that need them; the plot uses
-matplotlib's object API with the Agg canvas, so the caller's pyplot backend is left alone.
+``TrainOutcome`` is what the recipe reports when a run ends (or stops): its metrics, the
+config as it ran, the adapted modules, its notes and the data statistics; the task's books
+(books.py) record it and hand the caller a ``TrainResult``. torch is imported inside the
+function that needs it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from ..paths import ADAPTER_DIR
 if TYPE_CHECKING:
     from transformers import TrainerState
 
+    from ..data.prepared import DataStats
     from ..meta import TaskMeta
+    from .runtime import Runtime
 
 
 @dataclass
@@ -58,6 +62,53 @@ class TrainResult:
         )
 
 
+@dataclass
+class TrainOutcome:
+    """What the engine did in a run that ended or stopped (see ``run_metrics``)."""
+
+    metrics: dict[str, Any]
+    #: The config as it ran: resolved targets, precision and optimizer.
+    config: TrainingConfig
+    target_modules: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    data_stats: DataStats | None = None
+
+
+def run_metrics(
+    state: TrainerState,
+    runtime: Runtime,
+    *,
+    runtime_s: float,
+    wall_time_s: float,
+    resumed: dict[str, int] | None,
+    effective_batch_size: int,
+    world_size: int,
+) -> dict[str, Any]:
+    """The metrics of a run from the Trainer's state: steps, losses, tokens and speed (of this
+    session: a resumed run counts from where it resumed), memory, where it ran."""
+    train, evals = loss_histories(state)
+    session_tokens = state.num_input_tokens_seen - (resumed["tokens"] if resumed else 0)
+    return {
+        "global_step": state.global_step,
+        "max_steps": state.max_steps,
+        "epochs": round(state.epoch or 0.0, 4),
+        "train_loss": train[-1]["loss"] if train else None,
+        "eval_loss": evals[-1]["loss"] if evals else None,
+        "loss_history": train,
+        "eval_loss_history": evals,
+        "tokens_seen": state.num_input_tokens_seen,
+        "tokens_per_second": round(session_tokens / runtime_s, 2) if runtime_s else None,
+        "train_runtime_s": round(runtime_s, 2),
+        "wall_time_s": round(wall_time_s, 2),
+        "peak_memory_bytes": peak_memory_bytes(runtime.device),
+        "device": runtime.device,
+        "precision": runtime.dtype_name,
+        "world_size": world_size,
+        "effective_batch_size": effective_batch_size * world_size,
+        "resumed_from_step": resumed["step"] if resumed else None,
+    }
+
+
 def loss_histories(state: TrainerState) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Train and eval loss as ``[{"step", "loss"}]`` from the Trainer's log history."""
     train = [{"step": h["step"], "loss": h["loss"]} for h in state.log_history if "loss" in h]
@@ -75,72 +126,3 @@ def peak_memory_bytes(device: str) -> int:
         return int(torch.cuda.max_memory_allocated())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes, Linux: KiB
-
-
-def plot_loss(
-    train: list[dict[str, Any]],
-    evals: list[dict[str, Any]],
-    path: Path,
-    title: str,
-    *,
-    rewards: list[dict[str, Any]] | None = None,
-    eval_rewards: list[dict[str, Any]] | None = None,
-) -> Path | None:
-    """Write the loss curve to ``path`` (PNG); None when there is nothing to plot. With
-    ``rewards`` (a preference run's ``{"step", "margin", "accuracy"}`` history) a second panel
-    shows the reward margin and the reward accuracy (chosen rewarded above rejected).
-
-    Uses matplotlib's object API with the Agg canvas, so the caller's pyplot backend is left
-    alone.
-    """
-    if not train and not evals:
-        return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(12, 4) if rewards else (7, 4), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot(1, 2 if rewards else 1, 1)
-    for history, label, style in ((train, "train", "-"), (evals, "eval", "o--")):
-        if history:
-            steps, losses = [h["step"] for h in history], [h["loss"] for h in history]
-            axes.plot(steps, losses, style, label=label)
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    if rewards:
-        _plot_rewards(figure.add_subplot(1, 2, 2), rewards, eval_rewards or [])
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
-
-
-def _plot_rewards(
-    axes: Any, rewards: list[dict[str, Any]], eval_rewards: list[dict[str, Any]]
-) -> None:
-    """Reward margin (left axis) and reward accuracy (right axis, 0 to 1) by step."""
-    accuracy_axes = None
-    for history, label, style in ((rewards, "train", "-"), (eval_rewards, "eval", "o--")):
-        margins = [(h["step"], h["margin"]) for h in history if h.get("margin") is not None]
-        if margins:
-            axes.plot(*zip(*margins, strict=True), style, color="tab:blue", label=f"{label} margin")
-        accuracies = [(h["step"], h["accuracy"]) for h in history if h.get("accuracy") is not None]
-        if accuracies:
-            accuracy_axes = accuracy_axes or axes.twinx()
-            accuracy_axes.plot(
-                *zip(*accuracies, strict=True), style, color="tab:green", label=f"{label} accuracy"
-            )
-    axes.set_xlabel("step")
-    axes.set_ylabel("reward margin (chosen - rejected)", color="tab:blue")
-    axes.set_title("rewards")
-    axes.grid(alpha=0.3)
-    handles, labels = axes.get_legend_handles_labels()
-    if accuracy_axes is not None:
-        accuracy_axes.set_ylim(-0.05, 1.05)
-        accuracy_axes.set_ylabel("reward accuracy", color="tab:green")
-        more = accuracy_axes.get_legend_handles_labels()
-        handles, labels = handles + more[0], labels + more[1]
-    axes.legend(handles, labels, loc="lower right")

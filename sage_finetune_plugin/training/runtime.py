@@ -240,16 +240,6 @@ def _optimizer(name: str, device: str, notes: list[str]) -> str:
     return chosen
 
 
-def needs_bitsandbytes(config: TrainingConfig, runtime: Runtime) -> bool:
-    """Whether a run may import bitsandbytes: quantized weights, an optimizer other than
-    torch's own, or a preference method (TRL)."""
-    return (
-        runtime.quantization is not None
-        or runtime.optim not in TORCH_OPTIMIZERS
-        or config.method != "sft"
-    )
-
-
 def quantization_config(
     config: TrainingConfig, runtime: Runtime, *, fsdp: bool = False
 ) -> BitsAndBytesConfig | None:

@@ -1,0 +1,90 @@
+"""What an adapter declares: the ``Adapter`` base class every adapter unit subclasses.
+
+Training: ``prepare`` readies the loaded base model (quantized or not), ``attach`` adds a fresh
+adapter and ``resume`` continues a saved one (a later stage of a task), both returning the
+model and the module names adapted; ``save`` writes the adapter. Memory (training/memory.py):
+``adapted_layers`` picks the linear layers it adapts, ``trainable_parameters`` and
+``saved_bytes_per_token`` count what they add. After training: ``apply`` loads a saved adapter
+onto the base model and ``merge`` folds it in (merge, chat, eval, export, serve).
+
+Imports nothing heavy; the methods import what they use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from ..config import TrainingConfig
+
+
+class Linear(Protocol):
+    """A linear layer of the decoder as the memory estimate sees it: its full name, the name
+    of the module holding it, and its sizes."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def parent(self) -> str: ...
+    @property
+    def in_features(self) -> int: ...
+    @property
+    def out_features(self) -> int: ...
+
+
+class Adapter:
+    """An adapter kind. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    #: Files whose presence makes a saved adapter complete (one of them is enough).
+    weight_files: ClassVar[tuple[str, ...]] = ()
+
+    def __repr__(self) -> str:
+        return f"<adapter {self.name}>"
+
+    def prepare(self, model: Any, config: TrainingConfig, *, quantized: bool, fsdp: bool) -> Any:
+        """The loaded base model made ready for training an adapter on it."""
+        raise NotImplementedError
+
+    def attach(self, model: Any, config: TrainingConfig) -> tuple[Any, list[str]]:
+        """A fresh adapter on ``model``: (the trainable model, the module names adapted)."""
+        raise NotImplementedError
+
+    def resume(
+        self, model: Any, path: str | Path, config: TrainingConfig
+    ) -> tuple[Any, list[str], dict[str, Any]]:
+        """The adapter saved in ``path`` on ``model``, trainable: (the model, the module names
+        adapted, the config changes that describe it)."""
+        raise NotImplementedError
+
+    def save(self, model: Any, folder: Path) -> None:
+        raise NotImplementedError
+
+    def adapted_layers(self, linears: Sequence[Linear], config: TrainingConfig) -> list[Linear]:
+        raise NotImplementedError
+
+    def trainable_parameters(self, layers: Sequence[Linear], config: TrainingConfig) -> int:
+        raise NotImplementedError
+
+    def saved_bytes_per_token(
+        self,
+        layers: Sequence[Linear],
+        config: TrainingConfig,
+        *,
+        element: int,
+        mask_element: int,
+        dropout: bool,
+    ) -> int:
+        """Bytes per token the adapted layers save for the backward pass."""
+        raise NotImplementedError
+
+    def apply(self, model: Any, path: Path) -> Any:
+        """``model`` with the adapter saved in ``path`` applied (not merged), for inference."""
+        raise NotImplementedError
+
+    def merge(self, model: Any, *, safe: bool = True) -> Any:
+        """A model returned by ``apply`` with the adapter folded into its weights."""
+        raise NotImplementedError
