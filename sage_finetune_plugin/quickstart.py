@@ -18,19 +18,9 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import TrainingConfig, flags
-from .data import (
-    CodeDataset,
-    DataStats,
-    LoadedData,
-    WrongFormat,
-    build_code_dataset,
-    load_training_data,
-    prepare_dataset,
-    preview_samples,
-)
 from .errors import DataError, ModelError, TaskError, UsageProblem
 from .locks import RunLock
 from .meta import TaskMeta, TaskStatus, save_meta
@@ -45,6 +35,9 @@ from .paths import (
 )
 from .presets import PresetConfigs
 from .progress import Status
+
+if TYPE_CHECKING:
+    from .data import CodeDataset, DataStats, LoadedData
 
 DataArgument = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
@@ -159,6 +152,8 @@ def quickstart(
     that ``run`` reuses. An existing task is replaced only with ``force``. ``status`` receives
     progress lines.
     """
+    from .data import build_code_dataset, load_training_data
+
     say = status or (lambda _line: None)
     options = task if isinstance(task, QuickstartOptions) else QuickstartOptions.of(task, **values)
     _check_options(options)
@@ -253,6 +248,8 @@ def _check_options(options: QuickstartOptions) -> None:
 def _load(options: QuickstartOptions, skip_invalid: bool) -> LoadedData:
     """The user's data, read as the task type and its method ask; records of another format
     are refused with the task type that fits them."""
+    from .data import WrongFormat, load_training_data
+
     settings, kind = options.settings, options.kind
     data_format = settings.get("data_format")
     forced = data_format or (kind.formats[0] if kind.formats and len(kind.formats) == 1 else None)
@@ -325,6 +322,7 @@ def _render_once(
 ) -> tuple[DataStats | None, list[list[tuple[str, bool]]], list[str]]:
     """Statistics (records as read from the user's data), preview samples and warnings; the
     rendered data lands in the task's cache, where ``run`` finds it."""
+    from .data import prepare_dataset, preview_samples
     from .models import load_tokenizer
 
     try:

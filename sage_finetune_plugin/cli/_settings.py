@@ -57,12 +57,28 @@ def _option(key: str, flag: Flag) -> Callable[[F], F]:
     elif float in allowed:
         kwargs["type"] = click.FloatRange(min=flag.minimum, min_open=flag.open_minimum)
     elif key == "method":
-        from ..methods import method_names
-
-        kwargs["type"] = click.Choice(method_names())
+        kwargs["type"] = _MethodChoice()
     if dict in allowed:
         kwargs["multiple"] = flag.multiple
     return click.option(f"--{flag.name}", **kwargs)
+
+
+class _MethodChoice(click.Choice):
+    """The registered methods, looked up when the option is shown or used (not when the
+    command line is built: plugins are found through their entry points then)."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+
+    @property  # type: ignore[override]
+    def choices(self) -> list[str]:
+        from ..methods import method_names
+
+        return method_names()
+
+    @choices.setter
+    def choices(self, value: Any) -> None:
+        pass
 
 
 def _help(key: str, flag: Flag) -> str:
@@ -83,10 +99,14 @@ def _converter(key: str, flag: Flag, allowed: tuple[type, ...]) -> Callable[[Any
     if dict in allowed:
         return lambda value: parse_mapping(value, f"--{flag.name}") if value else None
     if key == "data_format":
-        from ..data.formats import resolve_format
-
-        return resolve_format
+        return _format
     return lambda value: value
+
+
+def _format(value: str | None) -> str | None:
+    from ..data.formats import resolve_format  # when the option is given: the data layer
+
+    return resolve_format(value)
 
 
 def _store(key: str, convert: Callable[[Any], Any]) -> Callable[[click.Context, Any, Any], Any]:
