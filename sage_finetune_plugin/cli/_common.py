@@ -149,12 +149,19 @@ def human_size(num_bytes: int) -> str:
     return f"{size:.1f} GB"
 
 
+class _CommandLineFormatter(logging.Formatter):
+    """A log record's message in the command line's words (see ``cli_words``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return cli_words(super().format(record))
+
+
 def enable_console_logging(level: int = logging.INFO) -> None:
     """Show this package's log records (model, LoRA targets, notes) on stderr."""
     package = logging.getLogger(__package__.rpartition(".")[0])
     if not any(getattr(h, "_sage_console", False) for h in package.handlers):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(_CommandLineFormatter("%(message)s"))
         handler._sage_console = True  # type: ignore[attr-defined]
         package.addHandler(handler)
     package.setLevel(level)
