@@ -180,7 +180,12 @@ class TrainingConfig:
         scope=TASK,
         default=None,
         flag=Flag(
-            "columns", commands=("quickstart",), keyword="columns", metavar="FIELD=COLUMN,..."
+            "columns",
+            commands=("quickstart",),
+            keyword="columns",
+            metavar="FIELD=COLUMN,...",
+            help="Read fields stored under other names, e.g. output=response,instruction=prompt "
+            "(role=KEY,content=KEY: the keys inside conversation turns).",
         ),
     )
     placeholders: dict[str, str] | None = setting(
