@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import TrainingConfig
-from .deps import require
 from .errors import DataError, EvaluationInterrupted, TaskError, UsageProblem
 from .models import quiet_deprecations
 from .paths import EVAL_DIR, atomic_directory
 from .progress import Progress, ProgressSink, Status
 from .scoring.inference import Answer
+from .scoring.metrics import rouge_available
 from .scoring.report import EvalReport, markdown, metric_rows, model_metrics, score_answers
 from .task import Task
 from .training.runtime import Hardware, Runtime, inference_runtime
@@ -49,6 +49,11 @@ DEFAULT_BATCH_SIZE = 8
 AUTO_NEW_TOKENS = (32, 512)
 #: Cached base-model results kept in TASK/eval (the newest ones).
 BASE_CACHES_KEPT = 4
+#: Said in the report when ROUGE-L is left out.
+ROUGE_NOTE = (
+    "ROUGE-L not computed: it needs rouge-score, pip install 'sage-finetune-plugin[eval]' "
+    "(loss, exact match and token F1 are)."
+)
 #: Bumped when what a cached base result holds or means changes.
 CACHE_VERSION = 1
 SPLITS = ("eval", "train")
@@ -129,7 +134,6 @@ def evaluate_task(
     options.check()
     say = status or (lambda _message: None)
     task = Task.of(task, root)
-    require("rouge_score")
     task.lock().check()  # a run in progress rewrites the adapter and the meta
     if options.tuned:
         _check_trained(task, options.checkpoint)
@@ -195,6 +199,9 @@ def _evaluate(
         sides["base"] = run(chat, "base")
         _release(chat)
 
+    notes = [] if rouge_available() else [ROUGE_NOTE]
+    for note in notes:
+        say(note)
     references = [s.reference or "" for s in asked]
     scored = {name: score_answers(side.answers, references) for name, side in sides.items()}
     report = EvalReport(
@@ -226,6 +233,7 @@ def _evaluate(
             "dtype": runtime.dtype_name,
             "base_cache_key": key,
         },
+        notes=notes,
     )
     say(f"Writing {folder}")
     base_entry = (key, sides["base"], models["base"]) if "base" in sides else None
