@@ -146,7 +146,11 @@ BAD_RECORDS = [
         "kto",
         "line 1: field 'label' must be true or false, got 'maybe'",
     ),
-    ([MISMATCHED], "dpo", "line 1: 'chosen' and 'rejected' differ before their last message"),
+    (
+        [MISMATCHED],
+        "dpo",
+        "line 1: 'chosen' and 'rejected' differ before their last assistant turn",
+    ),
     (
         [{"prompt": [USER, GOOD], "chosen": "a", "rejected": "b"}],
         "dpo",

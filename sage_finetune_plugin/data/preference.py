@@ -94,7 +94,7 @@ def normalize_pair(record: Mapping[str, Any], columns: Mapping[str, str]) -> dic
         rejected_history, rejected = _answer(record, rejected_key, sides[rejected_key])
         history = chosen_history or rejected_history
     prompt = _with_system(record, history or _prompt(record))
-    return _pair(_check_prompt(prompt), chosen, rejected)
+    return {**_pair(_check_prompt(prompt), chosen, rejected), "tools": tools_field(record)}
 
 
 def _implicit_prompt(
@@ -330,7 +330,13 @@ def _label(record: Mapping[str, Any]) -> bool:
 
 def canonical_preference(row: Mapping[str, Any]) -> dict[str, Any]:
     """A normalized row in its canonical keys (what quickstart writes; reads back the same)."""
-    prompt = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    prompt = [
+        {"role": m["role"], "content": m["content"], **json.loads(m.get("extra") or "{}")}
+        for m in row["messages"]
+    ]
     if row["kind"] == "labelled":
-        return {"prompt": prompt, "completion": row["completion"], "label": bool(row["label"])}
-    return {"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"]}
+        record = {"prompt": prompt, "completion": row["completion"], "label": bool(row["label"])}
+    else:
+        record = {"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"]}
+    tools = row.get("tools")
+    return {**record, "tools": json.loads(tools)} if tools else record
