@@ -169,10 +169,18 @@ def _evaluate(
     runtime = inference_runtime(hardware)
     config = task.recorded_config(resume=True)  # the config the last run trained with
     source = _source(task, config, options.data, options.split)
-    loaded = load_training_data(source.path, source.format, skip_invalid=options.skip_invalid)
+    # The task's own data is read as its training read it (the same records dropped).
+    skip_invalid = options.skip_invalid or (options.data is None and config.skip_invalid)
+    loaded = load_training_data(
+        source.path,
+        source.format,
+        skip_invalid=skip_invalid,
+        columns=None if options.data is not None else config.columns,
+        placeholders=None if options.data is not None else config.placeholders,
+    )
     say(f"Loading the tokenizer of {task.base_model}")
     tokenizer = load_tokenizer(task.base_model, trust_remote_code=task.trust_remote_code)
-    samples, description = _eval_set(task, config, source, loaded, tokenizer)
+    samples, description = _eval_set(task, config, source, loaded, tokenizer, skip_invalid)
     asked = [s for s in samples if s.prompt_ids is not None][: options.max_samples or None]
     limit = options.max_new_tokens or _auto_new_tokens(tokenizer, asked)
     key = _base_key(task, runtime, samples, asked, limit)
@@ -306,14 +314,25 @@ def _no_held_out(task: Task, why: str) -> str:
 
 
 def _eval_set(
-    task: Task, config: TrainingConfig, source: _Source, loaded: LoadedData, tokenizer: Any
+    task: Task,
+    config: TrainingConfig,
+    source: _Source,
+    loaded: LoadedData,
+    tokenizer: Any,
+    skip_invalid: bool,
 ) -> tuple[list[EvalSample], str]:
     """The samples to evaluate (rendered as training renders them; the part of the task's
     split the source names) and their description."""
     from .data.evalset import eval_samples, select
     from .data.preparation import eval_split
 
-    samples = eval_samples(loaded, tokenizer, max_length=config.max_length)
+    samples = eval_samples(
+        loaded,
+        tokenizer,
+        max_length=config.max_length,
+        system_prompt=config.system_prompt,
+        skip_invalid=skip_invalid,
+    )
     if not samples:
         raise DataError(
             f"{source.path}: every sample lost its answer to truncation at max_length="

@@ -93,7 +93,7 @@ def test_hh_rlhf_transcripts_share_their_prompt(tiny_model_dir: Path, tmp_path: 
                 "chosen": [{"role": "assistant", "content": "Hello"}],
                 "rejected": [{"role": "assistant", "content": "Go away"}],
             },
-            "'chosen' and 'rejected' share no turn and there is no 'prompt'",
+            "'chosen' and 'rejected' share no turn and there is no prompt",
         ),
         (
             {

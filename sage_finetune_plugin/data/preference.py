@@ -88,7 +88,13 @@ def normalize_pair(record: Mapping[str, Any], columns: Mapping[str, str]) -> dic
     rejected_key = "rejected_messages" if "rejected_messages" in record else "rejected"
     sides = {key: _side(record, key) for key in (chosen_key, rejected_key)}
     if all(isinstance(side, list) for side in sides.values()):
-        history, chosen, rejected = _implicit_prompt(sides[chosen_key], sides[rejected_key], record)
+        history, chosen, rejected = _implicit_prompt(sides[chosen_key], sides[rejected_key])
+        if history is None and _prompt(record) is None:
+            raise Invalid(
+                "no shared prompt",
+                f"{chosen_key!r} and {rejected_key!r} share no turn and there is no prompt: "
+                "give 'prompt' (or a conversation), or whole conversations that start with it",
+            )
     else:
         chosen_history, chosen = _answer(record, chosen_key, sides[chosen_key])
         rejected_history, rejected = _answer(record, rejected_key, sides[rejected_key])
@@ -98,7 +104,7 @@ def normalize_pair(record: Mapping[str, Any], columns: Mapping[str, str]) -> dic
 
 
 def _implicit_prompt(
-    chosen: list[dict[str, str]], rejected: list[dict[str, str]], record: Mapping[str, Any]
+    chosen: list[dict[str, str]], rejected: list[dict[str, str]]
 ) -> tuple[list[dict[str, str]] | None, str, str]:
     """(the shared start, the chosen answer, the rejected answer) of two conversations."""
     shared = 0
@@ -112,12 +118,6 @@ def _implicit_prompt(
             "mismatched conversations",
             "'chosen' and 'rejected' differ before their last assistant turn (they must share "
             "the prompt, then give one answer each)",
-        )
-    if not shared and "prompt" not in record:
-        raise Invalid(
-            "no shared prompt",
-            "'chosen' and 'rejected' share no turn and there is no 'prompt': give the prompt, "
-            "or whole conversations that start with it",
         )
     answers = [
         _answer_text(rest[0], key) for rest, key in zip(rests, ("chosen", "rejected"), strict=True)
