@@ -8,9 +8,7 @@ rouge-score."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,7 @@ from sage_finetune_plugin.meta import load_meta
 from sage_finetune_plugin.models import load_tokenizer
 from sage_finetune_plugin.runs import train_from_meta
 
-from conftest import WORDS, build_prepared_task, run_cli
+from conftest import WORDS, build_prepared_task, env_without, run_cli
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -341,22 +339,7 @@ def test_eval_without_rouge_score_reports_the_rest_and_names_the_extra(
 ) -> None:
     task = build_prepared_task(tmp_path / "root", tiny_model_dir, "demo", eval_ratio=0.25)
     train_from_meta(task, max_steps=4)
-    site = tmp_path / "blocker"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        textwrap.dedent(
-            """
-            import sys
-            class _Block:
-                def find_spec(self, name, path=None, target=None):
-                    if name.split(".")[0] == "rouge_score":
-                        raise ModuleNotFoundError(f"No module named {name!r} (blocked)")
-            sys.meta_path.insert(0, _Block())
-            """
-        )
-    )
-    paths = [str(site), os.environ.get("PYTHONPATH")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+    env = env_without(tmp_path, "rouge_score")
     proc = run_cli(
         "sage-finetune", "eval", "demo", "--root", str(task.parent), "--max-samples", "3", env=env
     )
