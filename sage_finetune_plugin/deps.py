@@ -25,12 +25,29 @@ TRAINING_STACK = {
 OPTIONAL = {
     "trl": ("1.16", "Preference tuning (dpo, orpo, kto)", "preference"),
 }
+#: The extra of this package that installs each optional module a command needs.
+EXTRAS = {
+    "trl": "preference",
+    "gguf": "export",
+    "rouge_score": "eval",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "openai": "serve",
+}
 
 
 def require(*modules: str) -> None:
-    """Raise DependencyError naming every missing package and how to install it."""
+    """Raise DependencyError naming every missing package and how to install it: the extra
+    of this package that adds an optional one, pip for the training stack."""
     wanted = modules or tuple(TRAINING_STACK)
     missing = [m for m in wanted if not installed(m)]
+    extras = sorted({EXTRAS[m] for m in missing if m in EXTRAS})
+    if extras:
+        names = ",".join(extras)
+        raise DependencyError(
+            f"Missing package(s): {', '.join(missing)}. Install them with "
+            f"`pip install 'sage-finetune-plugin[{names}]'`."
+        )
     if missing:
         pip_names = " ".join(TRAINING_STACK.get(m, m) for m in missing)
         raise DependencyError(

@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import TrainingConfig
-from .deps import require
 from .errors import DataError, EvaluationInterrupted, TaskError, UsageProblem
 from .models import quiet_deprecations
 from .paths import EVAL_DIR, atomic_directory
 from .progress import Progress, ProgressSink, Status
 from .scoring.inference import Answer
+from .scoring.metrics import rouge_available
 from .scoring.report import EvalReport, markdown, metric_rows, model_metrics, score_answers
 from .task import Task
 from .training.runtime import Hardware, Runtime, inference_runtime
@@ -49,6 +49,11 @@ DEFAULT_BATCH_SIZE = 8
 AUTO_NEW_TOKENS = (32, 512)
 #: Cached base-model results kept in TASK/eval (the newest ones).
 BASE_CACHES_KEPT = 4
+#: Said in the report when ROUGE-L is left out.
+ROUGE_NOTE = (
+    "ROUGE-L not computed: it needs rouge-score, pip install 'sage-finetune-plugin[eval]' "
+    "(loss, exact match and token F1 are)."
+)
 #: Bumped when what a cached base result holds or means changes.
 CACHE_VERSION = 1
 SPLITS = ("eval", "train")
@@ -129,7 +134,6 @@ def evaluate_task(
     options.check()
     say = status or (lambda _message: None)
     task = Task.of(task, root)
-    require("rouge_score")
     task.lock().check()  # a run in progress rewrites the adapter and the meta
     if options.tuned:
         _check_trained(task, options.checkpoint)
@@ -165,10 +169,18 @@ def _evaluate(
     runtime = inference_runtime(hardware)
     config = task.recorded_config(resume=True)  # the config the last run trained with
     source = _source(task, config, options.data, options.split)
-    loaded = load_training_data(source.path, source.format, skip_invalid=options.skip_invalid)
+    # The task's own data is read as its training read it (the same records dropped).
+    skip_invalid = options.skip_invalid or (options.data is None and config.skip_invalid)
+    loaded = load_training_data(
+        source.path,
+        source.format,
+        skip_invalid=skip_invalid,
+        columns=None if options.data is not None else config.columns,
+        placeholders=None if options.data is not None else config.placeholders,
+    )
     say(f"Loading the tokenizer of {task.base_model}")
     tokenizer = load_tokenizer(task.base_model, trust_remote_code=task.trust_remote_code)
-    samples, description = _eval_set(task, config, source, loaded, tokenizer)
+    samples, description = _eval_set(task, config, source, loaded, tokenizer, skip_invalid)
     asked = [s for s in samples if s.prompt_ids is not None][: options.max_samples or None]
     limit = options.max_new_tokens or _auto_new_tokens(tokenizer, asked)
     key = _base_key(task, runtime, samples, asked, limit)
@@ -195,6 +207,9 @@ def _evaluate(
         sides["base"] = run(chat, "base")
         _release(chat)
 
+    notes = [] if rouge_available() else [ROUGE_NOTE]
+    for note in notes:
+        say(note)
     references = [s.reference or "" for s in asked]
     scored = {name: score_answers(side.answers, references) for name, side in sides.items()}
     report = EvalReport(
@@ -226,6 +241,7 @@ def _evaluate(
             "dtype": runtime.dtype_name,
             "base_cache_key": key,
         },
+        notes=notes,
     )
     say(f"Writing {folder}")
     base_entry = (key, sides["base"], models["base"]) if "base" in sides else None
@@ -298,14 +314,25 @@ def _no_held_out(task: Task, why: str) -> str:
 
 
 def _eval_set(
-    task: Task, config: TrainingConfig, source: _Source, loaded: LoadedData, tokenizer: Any
+    task: Task,
+    config: TrainingConfig,
+    source: _Source,
+    loaded: LoadedData,
+    tokenizer: Any,
+    skip_invalid: bool,
 ) -> tuple[list[EvalSample], str]:
     """The samples to evaluate (rendered as training renders them; the part of the task's
     split the source names) and their description."""
     from .data.evalset import eval_samples, select
     from .data.preparation import eval_split
 
-    samples = eval_samples(loaded, tokenizer, max_length=config.max_length)
+    samples = eval_samples(
+        loaded,
+        tokenizer,
+        max_length=config.max_length,
+        system_prompt=config.system_prompt,
+        skip_invalid=skip_invalid,
+    )
     if not samples:
         raise DataError(
             f"{source.path}: every sample lost its answer to truncation at max_length="

@@ -79,10 +79,10 @@ class QuickstartOptions:
     glob, a Hugging Face dataset id, or a list of these, combined in order), ``source`` the
     code base of a ``code`` task (default: the current directory). ``settings`` are training
     config keys for the task (``model_name``, ``method``, ``max_length``, ``data_format``,
-    ``columns``, ``placeholders``, ``system_prompt``; ``skip_invalid`` drops malformed records
-    while reading and is not recorded). ``preset``: a hardware preset, ``auto`` the largest that
-    fits this machine for the model. ``preview``: how many samples to show as the model sees
-    them.
+    ``columns``, ``placeholders``, ``system_prompt``, ``skip_invalid``: malformed records, and
+    records that cannot be rendered as they mean, are dropped and counted). ``preset``: a
+    hardware preset, ``auto`` the largest that fits this machine for the model. ``preview``:
+    how many samples to show as the model sees them.
     """
 
     task_type: str
@@ -160,7 +160,7 @@ def quickstart(
     target = new_task_dir(options.name or options.task_type, options.root)
     replacing = _check_target(target, options.force)
     settings = dict(options.settings)
-    skip_invalid = bool(settings.pop("skip_invalid", False))  # a reading option only
+    skip_invalid = bool(settings.get("skip_invalid", False))  # recorded: `run` reads alike
     model = settings.pop("model_name", None)
     for key in ("method", "data_format"):  # set from the options and from the data read
         settings.pop(key, None)

@@ -83,6 +83,23 @@ def tiny_model_dir() -> Path:
     return TINY_MODEL
 
 
+def env_without(tmp_path: Path, *packages: str) -> dict[str, str]:
+    """The environment of a subprocess in which ``packages`` cannot be imported (as if not
+    installed): a ``sitecustomize`` that refuses them, first on PYTHONPATH."""
+    site = tmp_path / "blocker"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {tuple(packages)!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r} (blocked)')\n"
+        "sys.meta_path.insert(0, _Block())\n"
+    )
+    paths = [str(site), os.environ.get("PYTHONPATH")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+
+
 def run_cli(*args: str, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
     """Run a console script of this environment (``sage``, ``sage-finetune``) as a subprocess."""
     exe, *rest = args

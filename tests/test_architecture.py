@@ -4,13 +4,13 @@ modules free of heavy imports, services free of click."""
 from __future__ import annotations
 
 import ast
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+
+from conftest import env_without
 
 PACKAGE = Path(__file__).resolve().parent.parent / "sage_finetune_plugin"
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate", "trl", "gguf")
@@ -121,30 +121,13 @@ TOP_LEVEL = [
 def test_top_level_modules_import_nothing_heavy(tmp_path: Path):
     """Each top-level module (and the command layer) imports with torch, transformers, peft,
     bitsandbytes, datasets and accelerate made unimportable."""
-    site = tmp_path / "blocker"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        textwrap.dedent(
-            f"""
-            import sys
-            class _Block:
-                def find_spec(self, name, path=None, target=None):
-                    if name.split(".")[0] in {HEAVY!r}:
-                        raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)")
-            sys.meta_path.insert(0, _Block())
-            """
-        )
-    )
     code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
     proc = subprocess.run(
         [sys.executable, "-c", code, *TOP_LEVEL],
         capture_output=True,
         text=True,
         timeout=120,
-        env={
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
-        },
+        env=env_without(tmp_path, *HEAVY),
     )
     assert proc.returncode == 0, proc.stderr
     assert len(TOP_LEVEL) > 15

@@ -5,7 +5,6 @@ missing TRL."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -28,7 +27,7 @@ from sage_finetune_plugin.runs import RunOptions, plan_run, start_run, train_fro
 from sage_finetune_plugin.task import Task
 from sage_finetune_plugin.training.memory import estimate_memory
 
-from conftest import WORDS, run_cli
+from conftest import WORDS, env_without, run_cli
 
 SIGN_OFF = "Cheers!"
 
@@ -146,7 +145,11 @@ BAD_RECORDS = [
         "kto",
         "line 1: field 'label' must be true or false, got 'maybe'",
     ),
-    ([MISMATCHED], "dpo", "line 1: 'chosen' and 'rejected' differ before their last message"),
+    (
+        [MISMATCHED],
+        "dpo",
+        "line 1: 'chosen' and 'rejected' differ before their last assistant turn",
+    ),
     (
         [{"prompt": [USER, GOOD], "chosen": "a", "rejected": "b"}],
         "dpo",
@@ -562,22 +565,7 @@ def test_a_missing_trl_is_one_line_saying_what_to_install(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     task_dir = preference_task(tmp_path / "root", tiny_model_dir)
-    site = tmp_path / "blocker"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        textwrap.dedent(
-            """
-            import sys
-            class _Block:
-                def find_spec(self, name, path=None, target=None):
-                    if name.split(".")[0] == "trl":
-                        raise ModuleNotFoundError(f"No module named {name!r} (blocked)")
-            sys.meta_path.insert(0, _Block())
-            """
-        )
-    )
-    paths = [str(site), os.environ.get("PYTHONPATH")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+    env = env_without(tmp_path, "trl")
     proc = run_cli("sage-finetune", "run", str(task_dir), env=env)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (

@@ -65,10 +65,11 @@ _PHRASES = {
     "tuned=False": "--base-only",
     "base=False": "--no-base",
     "base=True": "--base",
-    "columns={FIELD: COLUMN}": "--columns FIELD=COLUMN",
-    "placeholders={KEY: VALUE}": "--replace KEY=VALUE",
 }
-_TOKEN = re.compile(r"(?<![\w.'\"-])([a-z_][a-z0-9_]*(?:\.[a-z_]+)?)=([^\s,;)]*[^\s,;).])")
+#: A mapping written as the API takes it: ``columns={'output': 'response'}``.
+_MAPPING = re.compile(r"\b(columns|placeholders)=\{([^{}]*)\}")
+_PAIR = re.compile(r"['\"]?([^'\":,{}]+?)['\"]?\s*:\s*['\"]?([^'\",{}]*?)['\"]?\s*(?:,|$)")
+_TOKEN = re.compile(r"(?<![\w.'\"-])([a-z_][a-z0-9_]*(?:\.[a-z_]+)?)=(?!\{)([^\s,;)]*[^\s,;).])")
 
 
 def cli_words(message: str) -> str:
@@ -96,8 +97,15 @@ def cli_words(message: str) -> str:
         return flag_name if value == "True" else f"{flag_name} {value}"
 
     pieces = message.split("`")
-    pieces[::2] = [_TOKEN.sub(as_option, piece) for piece in pieces[::2]]
+    pieces[::2] = [_MAPPING.sub(_mapping_option, _TOKEN.sub(as_option, p)) for p in pieces[::2]]
     return "`".join(pieces)
+
+
+def _mapping_option(match: re.Match[str]) -> str:
+    pairs = [f"{key.strip()}={value.strip()}" for key, value in _PAIR.findall(match.group(2))]
+    if match.group(1) == "columns":
+        return f"--columns {','.join(pairs)}"
+    return " ".join(f"--replace {pair}" for pair in pairs)
 
 
 # --- options and completion ----------------------------------------------------------------------

@@ -83,13 +83,14 @@ def eval_command(
     """Compare the fine-tuned model with its base model on held-out data.
 
     Loss and perplexity on the answer tokens, and greedy answers scored by exact match,
-    token F1 and ROUGE-L. Writes TASK/eval/report.md (with the worst and best examples side
+    token F1 and ROUGE-L (ROUGE-L with the eval extra: pip install
+    'sage-finetune-plugin[eval]'). Writes TASK/eval/report.md (with the worst and best examples side
     by side) and TASK/eval/report.json; the base model's numbers are cached, so evaluating
     again after more training only runs the tuned model.
     """
     from ..deps import require
 
-    require("torch", "transformers", "peft", "datasets", "rouge_score")
+    require("torch", "transformers", "peft", "datasets")
     from ..evaluation import EvalOptions, evaluate_task, metric_rows
 
     options = EvalOptions(
@@ -127,4 +128,6 @@ def eval_command(
         cells += [value.rjust(width) for value, width in zip(values, widths[1:], strict=True)]
         click.echo("  ".join(cells))
     click.echo()
+    for note in report.notes:
+        click.echo(f"Note: {note}")
     click.echo(f"Report: {report.report_md}")

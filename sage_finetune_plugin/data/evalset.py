@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .rendering import IGNORE_INDEX, Renderer
+from .rendering import IGNORE_INDEX, RecordError, Renderer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -46,14 +46,18 @@ def eval_samples(
     *,
     max_length: int | None,
     batch_size: int = 256,
+    system_prompt: str | None = None,
+    skip_invalid: bool = False,
 ) -> list[EvalSample]:
     """Every record of ``loaded`` as an EvalSample, in order; records whose answer tokens
-    were all truncated away are dropped, as preparation drops them."""
-    renderer = Renderer(tokenizer, max_length=max_length)
+    were all truncated away are dropped, as preparation drops them, and with ``skip_invalid``
+    those that cannot be rendered as they mean (tools the template cannot show, ...).
+    ``system_prompt`` opens conversations without one, as in training and chat."""
+    renderer = Renderer(tokenizer, max_length=max_length, system_prompt=system_prompt)
     samples: list[EvalSample] = []
     for start in range(0, len(loaded), batch_size):
         rows = list(loaded.dataset.select(range(start, min(start + batch_size, len(loaded)))))
-        for row, (ids, labels, _) in zip(rows, renderer.encode(rows), strict=True):
+        for row, (ids, labels, _) in _encoded(renderer, rows, skip_invalid):
             sample = EvalSample(
                 location=row["location"],
                 prompt=_readable_prompt(row),
@@ -69,6 +73,25 @@ def eval_samples(
                 sample.reference = _last_answer(row["messages"])
             samples.append(sample)
     return samples
+
+
+def _encoded(
+    renderer: Renderer, rows: list[dict[str, Any]], skip_invalid: bool
+) -> list[tuple[dict[str, Any], tuple[list[int], list[int], int]]]:
+    """Each row with its tokens; with ``skip_invalid`` the rows that cannot be rendered left
+    out (found one by one when a batch fails)."""
+    try:
+        return list(zip(rows, renderer.encode(rows), strict=True))
+    except RecordError:
+        if not skip_invalid:
+            raise
+    encoded = []
+    for row in rows:
+        try:
+            encoded.append((row, renderer.encode([row])[0]))
+        except RecordError:
+            continue
+    return encoded
 
 
 def select(samples: Sequence[EvalSample], positions: Sequence[int]) -> list[EvalSample]:

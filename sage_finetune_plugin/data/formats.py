@@ -69,6 +69,9 @@ class Format:
     misuse: str = ""
     #: A looser test used when the reading method trains on this format (None: ``evidence``).
     claim: Callable[[Mapping[str, Any]], str | None] | None = None
+    #: The top-level fields it reads, the required ones first (for ``columns`` hints).
+    fields: tuple[str, ...] = ()
+    required: int = 0
 
 
 def _keys_present(*names: str) -> Callable[[Mapping[str, Any]], str | None]:
@@ -117,6 +120,8 @@ FORMAT_SPECS = (
         normalize_alpaca,
         SUPERVISED,
         "instruction",
+        fields=("instruction", "output", "input", "system"),
+        required=2,
     ),
     Format(
         "qa",
@@ -125,16 +130,29 @@ FORMAT_SPECS = (
         normalize_qa,
         SUPERVISED,
         "qa",
+        fields=("question", "answer", "context", "system"),
+        required=2,
     ),
     Format(
         "prompt_completion",
         _keys_present("prompt", "completion"),
-        "prompt, completion",
+        "prompt, completion (strings, or TRL's conversational message lists)",
         normalize_prompt_completion,
         SUPERVISED,
         "custom",
+        fields=("prompt", "completion"),
+        required=2,
     ),
-    Format("text", _keys_present("text"), "text", normalize_text, SUPERVISED, "custom"),
+    Format(
+        "text",
+        _keys_present("text"),
+        "text",
+        normalize_text,
+        SUPERVISED,
+        "custom",
+        fields=("text",),
+        required=1,
+    ),
 )
 SPECS_BY_NAME = {spec.name: spec for spec in FORMAT_SPECS}
 FORMATS = tuple(SPECS_BY_NAME)
@@ -186,6 +204,54 @@ COLUMN_FIELDS = (
 )
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_]\w*)\s*\}\}")
+
+#: Names other datasets give these fields (databricks-dolly: ``response``, ``context``), for
+#: the ``columns`` mapping a refusal suggests.
+FIELD_ALIASES = {
+    "output": ("response", "completion", "answer", "target", "output_text"),
+    "input": ("context", "input_text"),
+    "instruction": ("prompt", "query", "question"),
+    "question": ("query", "prompt", "instruction"),
+    "answer": ("response", "output", "completion"),
+    "context": ("input", "passage", "document"),
+    "prompt": ("query", "instruction", "question", "input"),
+    "completion": ("response", "output", "answer"),
+    "text": ("content", "document", "body"),
+}
+
+
+def suggest_columns(
+    record: Mapping[str, Any], spec: Format, *, all_required: bool = False
+) -> tuple[dict[str, str], int]:
+    """The ``columns`` mapping that would read fields of ``spec`` the record lacks from the
+    usual other names it holds, and how far down the alias lists they are (0: each the first
+    alias). Empty when there is none, or with ``all_required`` when a required field stays
+    missing."""
+    mapping: dict[str, str] = {}
+    rank = 0
+    for name in spec.fields:
+        if name in record:
+            continue
+        aliases = FIELD_ALIASES.get(name, ())
+        for position, alias in enumerate(aliases):
+            if alias in record and alias not in spec.fields and alias not in mapping.values():
+                mapping[name] = alias
+                rank += position
+                break
+    required = spec.fields[: spec.required]
+    if all_required and not all(f in record or f in mapping for f in required):
+        return {}, rank
+    return mapping, rank
+
+
+def columns_hint(mapping: Mapping[str, str]) -> str:
+    """``; the record has 'response': read it with columns={'output': 'response'}``."""
+    if not mapping:
+        return ""
+    found = ", ".join(repr(alias) for alias in mapping.values())
+    pairs = ", ".join(f"{name!r}: {alias!r}" for name, alias in mapping.items())
+    pronoun = "it" if len(mapping) == 1 else "them"
+    return f"; the record has {found}: read {pronoun} with columns={{{pairs}}}"
 
 
 def normalized_features() -> Any:
@@ -425,7 +491,14 @@ class Validator:
                 + (f", which are {found} fields" if found else ""),
                 looks_like=found,
             )
-        row = {**ROW_DEFAULTS, **SPECS_BY_NAME[self.format].normalize(record, self.columns)}
+        spec = SPECS_BY_NAME[self.format]
+        try:
+            row = {**ROW_DEFAULTS, **spec.normalize(record, self.columns)}
+        except Invalid as exc:
+            if exc.reason != "missing field":
+                raise
+            hint = columns_hint(suggest_columns(record, spec)[0])
+            raise Invalid(exc.reason, f"{exc}{hint}") from None
         self._fill(row, location)
         row["location"] = location
         return row
@@ -460,12 +533,14 @@ class Validator:
         )
 
     def _unknown_message(self, record: Mapping[str, Any]) -> str:
-        known = "; ".join(
-            f"{s.name}: {s.expected}" for s in FORMAT_SPECS if s.name in self.reader.formats
-        )
+        specs = [s for s in FORMAT_SPECS if s.name in self.reader.formats]
+        known = "; ".join(f"{s.name}: {s.expected}" for s in specs)
+        found = [suggest_columns(record, s, all_required=True) for s in specs]
+        best = min((f for f in found if f[0]), key=lambda f: f[1], default=({}, 0))[0]
+        hint = columns_hint(best)
         return (
             f"no known training fields (keys: {_keys(record)}). {self.reader.method} reads: "
-            f"{known}; map other names with columns={{FIELD: COLUMN}}"
+            f"{known}" + (hint or "; map other names with columns={FIELD: COLUMN}")
         )
 
 
@@ -530,10 +605,15 @@ def canonical_record(fmt: str, row: Mapping[str, Any]) -> dict[str, Any]:
     tools = row_tools(row)
     if fmt == "text":
         return {"text": messages[0]["content"]}
-    if fmt == "prompt_completion":
+    if fmt == "prompt_completion" and row["kind"] == "completion":
         return {"prompt": messages[0]["content"], "completion": messages[1]["content"]}
+    if fmt == "prompt_completion":  # TRL's conversational form: the completion after the user
+        split = max(i for i, m in enumerate(messages) if m["role"] == "user") + 1
+        prompt = [{k: v for k, v in m.items() if k != "weight"} for m in messages[:split]]
+        record: dict[str, Any] = {"prompt": prompt, "completion": messages[split:]}
+        return {**record, "tools": tools} if tools else record
     if fmt == "conversation":
-        record: dict[str, Any] = {"messages": with_context(messages, row.get("context", ""))}
+        record = {"messages": with_context(messages, row.get("context", ""))}
         return {**record, "tools": tools} if tools else record
     system = messages[0]["content"] if messages[0]["role"] == "system" else None
     turns = messages[1:] if system is not None else messages

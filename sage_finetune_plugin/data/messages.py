@@ -3,7 +3,9 @@ text fields, JSON text cells, and the ``Invalid`` error a malformed record raise
 
 A normalized message is ``{"role", "content", "extra"}``: roles system / user / assistant /
 tool (and ``text`` for plain text samples); ``extra`` is "" or a JSON object of the message's
-other keys (``tool_calls`` of an assistant turn, ``name`` / ``tool_call_id`` of a tool result).
+other keys (``tool_calls`` of an assistant turn, ``name`` / ``tool_call_id`` of a tool result,
+and ``weight`` 0 for an assistant turn that is context, not learned: OpenAI's fine-tuning files
+mark turns so).
 """
 
 from __future__ import annotations
@@ -221,7 +223,29 @@ def normalize_message(
     text = _content(content, number, content_key)
     if not text.strip() and not extra.get("tool_calls") and name != "tool":
         raise Invalid("empty field", f"message {number} has empty {content_key!r}")
+    if "weight" in turn and _weight(turn["weight"], number) == 0 and name == "assistant":
+        extra["weight"] = 0
     return message(name, text, extra)
+
+
+def _weight(value: Any, number: int) -> int:
+    """OpenAI's per-message ``weight``: 1 (learned) or 0 (context only)."""
+    if value in (0, 1) and not isinstance(value, float | str):
+        return int(value)
+    raise Invalid(
+        "bad weight", f"message {number}: 'weight' must be 0 (not learned) or 1, got {value!r}"
+    )
+
+
+def learned(turn: Mapping[str, Any]) -> bool:
+    """Whether a message (normalized, or as a chat template sees it) is trained on: an
+    assistant turn whose weight is not 0."""
+    if turn.get("role") != "assistant":
+        return False
+    if "weight" in turn:
+        return turn["weight"] != 0
+    extra = turn.get("extra")
+    return not (extra and json.loads(extra).get("weight") == 0)
 
 
 def json_type(value: Any) -> str:

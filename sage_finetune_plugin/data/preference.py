@@ -9,8 +9,10 @@ The shapes people have, all accepted:
   or ``role/content``) with the final assistant turn given as ``chosen`` / ``rejected``
   messages or strings (LLaMA-Factory's ranking files; ``chosen_messages`` /
   ``rejected_messages`` likewise), or as a last turn holding both; ``instruction`` (+
-  ``input``) or ``question`` (+ ``context``) with ``chosen`` / ``rejected`` strings. An
-  optional ``system`` string leads.
+  ``input``) or ``question`` (+ ``context``) with ``chosen`` / ``rejected`` strings;
+  ``chosen`` / ``rejected`` as Human/Assistant transcripts (Anthropic's hh-rlhf: the prompt is
+  their shared start); OpenAI's preference files (``input.messages``, ``preferred_output``,
+  ``non_preferred_output``). An optional ``system`` string leads.
 - unpaired (``kto``): a prompt in any of those forms with a ``completion`` and a boolean
   ``label`` (``kto_tag`` in LLaMA-Factory's files), or a conversation ending with the answer
   plus ``label``.
@@ -23,13 +25,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from ..config import parse_bool
-from .messages import Invalid, json_type, message, normalize_message
+from .messages import Invalid, json_type, message, normalize_message, tools_field
 
 PAIR_KEYS = ("chosen", "rejected", "chosen_messages", "rejected_messages")
+#: OpenAI's preference fine-tuning files: ``input.messages``, the preferred and the
+#: non-preferred output.
+OPENAI_PAIR_KEYS = ("preferred_output", "non_preferred_output")
+#: A turn of a Human/Assistant transcript (Anthropic's hh-rlhf).
+_TRANSCRIPT_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
 LABEL_KEYS = ("label", "kto_tag")
 CONVERSATION_KEYS = ("messages", "conversations")
 #: Fields that hold an answer: with a boolean ``label`` beside one, a record is KTO data.
@@ -38,7 +46,7 @@ ANSWER_KEYS = ("completion", "messages", "conversations", "output", "answer", "r
 
 def pair_evidence(record: Mapping[str, Any]) -> str | None:
     """What makes ``record`` a preference pair, or None."""
-    present = [key for key in PAIR_KEYS if key in record]
+    present = [key for key in (*PAIR_KEYS, *OPENAI_PAIR_KEYS) if key in record]
     if present:
         return " and ".join(repr(key) for key in present) + (" answers" if len(present) > 1 else "")
     last = _split_last_turn(record)
@@ -63,6 +71,12 @@ def labelled_claim(record: Mapping[str, Any]) -> str | None:
 
 
 def normalize_pair(record: Mapping[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
+    """A pair in any of the shapes of the module docstring. Without a prompt of their own,
+    chosen and rejected conversations (message lists, or Human/Assistant transcripts) share
+    their prompt: their longest common start, after which each must be one assistant turn
+    (TRL's implicit prompt)."""
+    if any(key in record for key in OPENAI_PAIR_KEYS):
+        return _openai_pair(record)
     last = _split_last_turn(record)
     if last is not None and not any(key in record for key in PAIR_KEYS):
         key, turns = last
@@ -72,16 +86,85 @@ def normalize_pair(record: Mapping[str, Any], columns: Mapping[str, str]) -> dic
         return _pair(_check_prompt(_with_system(record, prompt)), chosen, rejected)
     chosen_key = "chosen_messages" if "chosen_messages" in record else "chosen"
     rejected_key = "rejected_messages" if "rejected_messages" in record else "rejected"
-    chosen_history, chosen = _answer(record, chosen_key)
-    rejected_history, rejected = _answer(record, rejected_key)
-    if chosen_history and rejected_history and chosen_history != rejected_history:
+    sides = {key: _side(record, key) for key in (chosen_key, rejected_key)}
+    if all(isinstance(side, list) for side in sides.values()):
+        history, chosen, rejected = _implicit_prompt(sides[chosen_key], sides[rejected_key])
+        if history is None and _prompt(record) is None:
+            raise Invalid(
+                "no shared prompt",
+                f"{chosen_key!r} and {rejected_key!r} share no turn and there is no prompt: "
+                "give 'prompt' (or a conversation), or whole conversations that start with it",
+            )
+    else:
+        chosen_history, chosen = _answer(record, chosen_key, sides[chosen_key])
+        rejected_history, rejected = _answer(record, rejected_key, sides[rejected_key])
+        history = chosen_history or rejected_history
+    prompt = _with_system(record, history or _prompt(record))
+    return {**_pair(_check_prompt(prompt), chosen, rejected), "tools": tools_field(record)}
+
+
+def _implicit_prompt(
+    chosen: list[dict[str, str]], rejected: list[dict[str, str]]
+) -> tuple[list[dict[str, str]] | None, str, str]:
+    """(the shared start, the chosen answer, the rejected answer) of two conversations."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    rests = chosen[shared:], rejected[shared:]
+    if not rests[0] and not rests[1]:
+        raise Invalid("identical answers", "chosen and rejected are the same conversation")
+    if any(len(rest) != 1 or rest[0]["role"] != "assistant" for rest in rests):
         raise Invalid(
             "mismatched conversations",
-            f"{chosen_key!r} and {rejected_key!r} differ before their last message "
-            "(they must share the prompt)",
+            "'chosen' and 'rejected' differ before their last assistant turn (they must share "
+            "the prompt, then give one answer each)",
         )
-    prompt = _with_system(record, chosen_history or rejected_history or _prompt(record))
-    return _pair(_check_prompt(prompt), chosen, rejected)
+    answers = [
+        _answer_text(rest[0], key) for rest, key in zip(rests, ("chosen", "rejected"), strict=True)
+    ]
+    return chosen[:shared] or None, answers[0], answers[1]
+
+
+def _openai_pair(record: Mapping[str, Any]) -> dict[str, Any]:
+    """OpenAI's preference file: ``input`` (``messages``, optional ``tools``), and the
+    preferred and non-preferred output, each a list with the assistant's message."""
+    source = json_messages(record.get("input"))
+    if not isinstance(source, Mapping) or "messages" not in source:
+        raise Invalid(
+            "missing field",
+            "'input' must be an object with 'messages' (OpenAI's preference format)",
+        )
+    prompt = _check_prompt(_messages(source["messages"], "input.messages"))
+    chosen = _text_answer(record.get("preferred_output"), "preferred_output")
+    rejected = _text_answer(record.get("non_preferred_output"), "non_preferred_output")
+    return {**_pair(prompt, chosen, rejected), "tools": tools_field(source)}
+
+
+def _side(record: Mapping[str, Any], key: str) -> Any:
+    """An answer field as given: a string, or a conversation (a message list, one message, or
+    a Human/Assistant transcript) as turns."""
+    value = json_messages(record.get(key))
+    if value is None:
+        raise Invalid("missing field", f"missing field {key!r}")
+    if isinstance(value, str):
+        turns = transcript(value)
+        return turns if turns is not None else value
+    return _messages(value, key)
+
+
+def transcript(text: str) -> list[dict[str, str]] | None:
+    """A Human/Assistant transcript (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``, as in
+    Anthropic's hh-rlhf) as user and assistant turns; None for any other text."""
+    parts = _TRANSCRIPT_TURN.split(text)
+    if len(parts) < 5 or parts[0].strip():
+        return None
+    roles = parts[1::2]
+    if "Human" not in roles or "Assistant" not in roles:
+        return None
+    return [
+        message("user" if role == "Human" else "assistant", content.strip())
+        for role, content in zip(roles, parts[2::2], strict=True)
+    ]
 
 
 def _pair(prompt: list[dict[str, str]], chosen: str, rejected: str) -> dict[str, Any]:
@@ -165,23 +248,32 @@ def _check_prompt(prompt: list[dict[str, str]] | None) -> list[dict[str, str]]:
     return prompt
 
 
-def _answer(record: Mapping[str, Any], key: str) -> tuple[list[dict[str, str]] | None, str]:
+def _answer(
+    record: Mapping[str, Any], key: str, side: Any = None
+) -> tuple[list[dict[str, str]] | None, str]:
     """(the turns before the answer, if given, and the answer) of an answer field: a string,
-    an assistant message, or a conversation ending with one."""
-    value = json_messages(record.get(key))
-    if value is None:
-        raise Invalid("missing field", f"missing field {key!r}")
+    an assistant message, or a conversation ending with one (``side``: the field already read
+    by ``_side``)."""
+    value = side if side is not None else _side(record, key)
     if isinstance(value, str):
         return None, _nonempty(value, key)
-    messages = _messages(value, key)
-    if messages[-1]["role"] != "assistant":
+    return value[:-1] or None, _answer_text(value[-1], key)
+
+
+def _answer_text(turn: Mapping[str, str], key: str) -> str:
+    """The text of an answer turn: an assistant message without tool calls."""
+    if turn["role"] != "assistant":
         raise Invalid("no assistant turn", f"{key!r} must end with an assistant (or gpt) message")
-    return messages[:-1] or None, messages[-1]["content"]
+    if turn["extra"]:
+        raise Invalid("tool calls", f"{key!r}: an answer with tool calls is not a text answer")
+    return _nonempty(turn["content"], key)
 
 
 def _text_answer(value: Any, key: str) -> str:
-    """An answer given as a string or as one assistant message."""
-    _, answer = _answer({key: value}, key)
+    """An answer given as a string or as one assistant message (alone)."""
+    history, answer = _answer({key: value}, key)
+    if history:
+        raise Invalid("malformed message", f"{key!r} must hold the answer alone")
     return answer
 
 
@@ -199,15 +291,9 @@ def _messages(value: Any, key: str) -> list[dict[str, str]]:
     if not value:
         raise Invalid("empty field", f"field {key!r} is empty")
     try:
-        turns = [normalize_message(turn, number) for number, turn in enumerate(value, 1)]
+        return [normalize_message(turn, number) for number, turn in enumerate(value, 1)]
     except Invalid as exc:
         raise Invalid(exc.reason, f"{key!r}: {exc}") from None
-    if any(turn["extra"] or turn["role"] == "tool" for turn in turns):
-        raise Invalid(
-            "tool calls",
-            f"{key!r}: tool calls and tool results are not supported in preference data",
-        )
-    return turns
 
 
 def json_messages(value: Any) -> Any:
@@ -244,7 +330,13 @@ def _label(record: Mapping[str, Any]) -> bool:
 
 def canonical_preference(row: Mapping[str, Any]) -> dict[str, Any]:
     """A normalized row in its canonical keys (what quickstart writes; reads back the same)."""
-    prompt = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    prompt = [
+        {"role": m["role"], "content": m["content"], **json.loads(m.get("extra") or "{}")}
+        for m in row["messages"]
+    ]
     if row["kind"] == "labelled":
-        return {"prompt": prompt, "completion": row["completion"], "label": bool(row["label"])}
-    return {"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"]}
+        record = {"prompt": prompt, "completion": row["completion"], "label": bool(row["label"])}
+    else:
+        record = {"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"]}
+    tools = row.get("tools")
+    return {**record, "tools": json.loads(tools)} if tools else record

@@ -27,7 +27,7 @@ from . import cache
 from .loading import DataSource, LoadedData, load_normalized
 from .prepared import DataStats, PreparedDataset, PrepareOptions
 from .readers import content_hash
-from .rendering import Renderer
+from .rendering import RecordError, Renderer
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -107,7 +107,7 @@ def prepare_dataset(
         locations = origin.dataset["location"]
         loaded.dataset = loaded.dataset.remove_columns("location").add_column("location", locations)
     with quiet_progress(len(loaded)):
-        rendered = _render(loaded, unit, renderer, key)
+        rendered = _render(loaded, unit, renderer, key, prepare.skip_invalid)
         stats = _statistics(origin or loaded, rendered, renderer, prepare)
         kept = _kept(rendered, stats)
         train, evaluation = _split(_samples(kept), prepare, unit, renderer, key)
@@ -136,28 +136,64 @@ def _cache_key(digest: str, renderer: Renderer, options: PrepareOptions, unit: M
     return cache.cache_key(fields)
 
 
-class _RenderBatch:
-    """The ``Dataset.map`` function: a batch of normalized rows through the method."""
+#: Why a rendered row was dropped with skip_invalid ("" for a row that rendered), and the
+#: record's problem: the statistics count them with the records that did not validate.
+INVALID_COLUMNS = ("_invalid", "_invalid_example")
 
-    def __init__(self, unit: Method, renderer: Renderer) -> None:
-        self.unit, self.renderer = unit, renderer
+
+class _RenderBatch:
+    """The ``Dataset.map`` function: a batch of normalized rows through the method. With
+    ``skip_invalid`` a record that cannot be rendered as it means (``RecordError``) becomes an
+    empty row marked with the reason, which the statistics count and preparation drops."""
+
+    def __init__(self, unit: Method, renderer: Renderer, skip_invalid: bool) -> None:
+        self.unit, self.renderer, self.skip_invalid = unit, renderer, skip_invalid
 
     def __call__(self, batch: Mapping[str, list[Any]]) -> dict[str, list[Any]]:
         rows = [
             dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)
         ]
-        return self.unit.render(self.renderer, rows)
+        try:
+            out = self.unit.render(self.renderer, rows)
+            return {**out, **{name: [""] * len(rows) for name in INVALID_COLUMNS}}
+        except RecordError:
+            if not self.skip_invalid:
+                raise
+        parts = [self._one(row) for row in rows]  # find the records that fail
+        return {name: [value for part in parts for value in part[name]] for name in parts[0]}
+
+    def _one(self, row: dict[str, Any]) -> dict[str, list[Any]]:
+        try:
+            out = self.unit.render(self.renderer, [row])
+            return {**out, "_invalid": [""], "_invalid_example": [""]}
+        except RecordError as exc:
+            empty = {name: [_empty(feature)] for name, feature in self.unit.features().items()}
+            return {**empty, "_invalid": [exc.reason], "_invalid_example": [exc.detail]}
 
 
-def _render(loaded: LoadedData, unit: Method, renderer: Renderer, key: str) -> Dataset:
+def _empty(feature: Any) -> Any:
+    """A value of ``feature``'s type that stands for nothing (0, "", False, [])."""
+    dtype = getattr(feature, "dtype", None)
+    if dtype is None:
+        return []
+    return "" if dtype == "string" else False if dtype == "bool" else 0
+
+
+def _render(
+    loaded: LoadedData, unit: Method, renderer: Renderer, key: str, skip_invalid: bool
+) -> Dataset:
+    from datasets import Value
+
     processes = min(MAX_PROCESSES, os.cpu_count() or 1, len(loaded))
+    features = unit.features().copy()
+    features.update({name: Value("string") for name in INVALID_COLUMNS})
     return loaded.dataset.map(
-        _RenderBatch(unit, renderer),
+        _RenderBatch(unit, renderer, skip_invalid),
         batched=True,
         batch_size=1000,
         num_proc=processes if len(loaded) >= PARALLEL_MIN_ROWS and processes > 1 else None,
         remove_columns=loaded.dataset.column_names,
-        features=unit.features(),
+        features=features,
         load_from_cache_file=False,
         new_fingerprint=f"{key}-{loaded.content_hash[:16]}",
         desc="Rendering",
@@ -165,8 +201,8 @@ def _render(loaded: LoadedData, unit: Method, renderer: Renderer, key: str) -> D
 
 
 def _kept(rendered: Dataset, stats: DataStats) -> Dataset:
-    """The rendered rows that keep an answer token within max_length."""
-    if not stats.truncation_dropped:
+    """The rendered rows that keep an answer token within max_length (and rendered)."""
+    if not stats.truncation_dropped and not stats.rendering_dropped:
         return rendered
     return rendered.filter(lambda n: n > 0, input_columns="_trainable")
 
@@ -188,7 +224,17 @@ def _statistics(
         table.column(name).to_numpy().astype(np.int64)
         for name in ("_full_length", "_trainable", "_length", "_tokens")
     )
+    dropped, examples = dict(loaded.dropped), dict(loaded.drop_examples)
+    reasons = table.column("_invalid").to_pylist()
+    invalid = np.array([bool(reason) for reason in reasons])
+    for reason, example in zip(reasons, table.column("_invalid_example").to_pylist(), strict=True):
+        if reason:
+            dropped[reason] = dropped.get(reason, 0) + 1
+            examples.setdefault(reason, example)
     kept = trainable > 0
+    if not kept.any() and invalid.all():
+        why = "; ".join(f"{n} {r} (e.g. {examples[r]})" for r, n in dropped.items())
+        raise DataError(f"{loaded.source}: no valid training records: {why}.")
     if not kept.any():
         raise DataError(
             f"{loaded.source}: every sample lost all its answer tokens to truncation at "
@@ -211,10 +257,11 @@ def _statistics(
         max_length=options.max_length,
         method=options.method,
         records_read=loaded.records_read,
-        records_kept=len(loaded),
-        dropped=dict(loaded.dropped),
-        drop_examples=dict(loaded.drop_examples),
-        truncation_dropped=int((~kept).sum()),
+        records_kept=len(loaded) - int(invalid.sum()),
+        dropped=dropped,
+        drop_examples=examples,
+        truncation_dropped=int((~kept & ~invalid).sum()),
+        rendering_dropped=int(invalid.sum()),
         tokens=int(tokens[kept].sum()),
         trainable_tokens=int(trainable[kept].sum()),
         truncated=int((full_lengths[kept] > options.max_length).sum()),
@@ -236,7 +283,7 @@ def _split(
     if options.eval_data:
         read = options.read_options()
         loaded = load_normalized(options.eval_data, read, content_hash(options.eval_data))
-        rendered = _render(loaded, unit, renderer, f"{key}-eval")
+        rendered = _render(loaded, unit, renderer, f"{key}-eval", options.skip_invalid)
         evaluation = _samples(rendered.filter(lambda n: n > 0, input_columns="_trainable"))
         train = samples
     elif (positions := eval_split(len(samples), options.eval_ratio, options.seed)) is not None:

@@ -39,6 +39,9 @@ class DataStats:
     dropped: dict[str, int] = field(default_factory=dict)
     drop_examples: dict[str, str] = field(default_factory=dict)
     truncation_dropped: int = 0
+    #: Valid records that could not be rendered as they mean, dropped with skip_invalid
+    #: (counted in ``dropped`` by reason too).
+    rendering_dropped: int = 0
     samples: int = 0
     eval_samples: int = 0
     tokens: int = 0

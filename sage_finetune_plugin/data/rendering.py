@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import DataError
 from ..templates import FALLBACK_HEADERS, has_chat_template, supports_tools
 from .formats import Invalid, Unsupported, Validator, message_dicts, row_tools, with_context
+from .messages import learned
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -32,6 +33,22 @@ IGNORE_INDEX = -100
 
 class _TemplateMismatch(Exception):
     pass
+
+
+class RecordError(DataError):
+    """A valid record that cannot be rendered as it means (tools the template cannot show,
+    ...): ``reason`` is the category ``skip_invalid`` counts, ``detail`` the record's problem,
+    ``remedy`` what to do."""
+
+    def __init__(self, reason: str, detail: str, remedy: str) -> None:
+        super().__init__(f"{detail}; {remedy}.")
+        self.reason = reason
+        self.detail = detail
+
+
+def _for_template(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as the chat template takes them: without the training-only ``weight``."""
+    return [{k: v for k, v in m.items() if k != "weight"} for m in messages]
 
 
 class Renderer:
@@ -89,15 +106,17 @@ class Renderer:
         return self._fallback_segments(messages, row.get("context", ""))
 
     def prompt_and_answer(
-        self, prompt: Sequence[Mapping[str, Any]], answer: str, location: str
+        self, prompt: Sequence[Mapping[str, Any]], answer: str, location: str, tools: str = ""
     ) -> tuple[str, str]:
-        """A prompt (its messages) and one answer as TRL's "standard" text pair: the prompt as
-        the model sees it up to where the answer starts (without the BOS, which TRL's
-        tokenization adds itself), and the answer with its end of turn and EOS."""
+        """A prompt (its messages; ``tools``: the JSON list of tools offered) and one answer as
+        TRL's "standard" text pair: the prompt as the model sees it up to where the answer
+        starts (without the BOS, which TRL's tokenization adds itself), and the answer with its
+        end of turn and EOS."""
         row = {
             "kind": "chat",
             "messages": [*prompt, {"role": "assistant", "content": answer, "extra": ""}],
             "context": "",
+            "tools": tools,
             "location": location,
         }
         segments = self.segments(row)
@@ -159,11 +178,13 @@ class Renderer:
         if not self._tool_support:
             name = getattr(self.tokenizer, "name_or_path", None) or "the tokenizer"
             template = "chat template" if self.chat_template else "tokenizer (no chat template)"
-            raise DataError(
+            raise RecordError(
+                "tools the chat template cannot show",
                 f"{row['location']}: this record offers or calls tools, but the {template} of "
                 f"{name} has no tool support, so the tools could not be shown to the model as it "
-                "will see them; use a model whose chat template supports tools (e.g. Qwen2.5 "
-                "Instruct) or leave the tool records out."
+                "will see them",
+                "use a model whose chat template supports tools (e.g. Qwen2.5 Instruct), or "
+                "leave the tool records out with skip_invalid=True",
             )
 
     def _fallback_segments(
@@ -177,7 +198,7 @@ class Renderer:
             role, content = message["role"], message["content"]
             if role == "assistant":
                 segments += [(prompt + FALLBACK_HEADERS["assistant"], False)]
-                segments += [(content + self.eos, True)]
+                segments += [(content + self.eos, learned(message))]
                 prompt = "\n\n"
                 continue
             prompt += f"{FALLBACK_HEADERS[role]}{content}\n\n"
@@ -205,20 +226,24 @@ class Renderer:
                 start = self._answer_start(render, message, i, full, cursor)
                 upto = full if i == last else render(i + 1)
                 end = self._answer_end(message, full, start, upto)
-                segments += [(full[cursor:start], False), (full[start:end], True)]
+                segments += [(full[cursor:start], False), (full[start:end], learned(message))]
                 cursor = end
         except _TemplateMismatch:
-            raise DataError(
+            raise RecordError(
+                "answers the chat template changes",
                 f"{row['location']}: the tokenizer's chat template does not render assistant "
-                "turns verbatim, so the prompt cannot be masked; set train_on_prompt or use a "
-                "tokenizer without this template."
+                "turns verbatim, so the prompt cannot be masked",
+                "set train_on_prompt=True, use a tokenizer without this template, or leave such "
+                "records out with skip_invalid=True",
             ) from None
         except Exception as exc:  # jinja2 errors raised by the template itself
             if isinstance(exc, DataError):
                 raise
-            raise DataError(
+            raise RecordError(
+                "conversations the chat template rejects",
                 f"{row['location']}: the tokenizer's chat template rejected this conversation "
-                f"({type(exc).__name__}: {exc})."
+                f"({type(exc).__name__}: {exc})",
+                "fix the record, or leave such records out with skip_invalid=True",
             ) from None
         tail = full[cursor:]
         if tail.strip():
@@ -284,7 +309,7 @@ class Renderer:
                 end = start + len(content) + len(end_of_turn)
             else:
                 return None
-            segments += [(full[cursor:start], False), (full[start:end], True)]
+            segments += [(full[cursor:start], False), (full[start:end], learned(messages[i]))]
             cursor = end
         tail = full[cursor:]
         if tail.strip():
@@ -293,7 +318,8 @@ class Renderer:
 
     def _apply_batch(self, conversations: list[list[dict[str, Any]]]) -> list[str]:
         assert self.tokenizer is not None
-        return self.tokenizer.apply_chat_template(conversations, tokenize=False)
+        shown = [_for_template(messages) for messages in conversations]
+        return self.tokenizer.apply_chat_template(shown, tokenize=False)
 
     def _apply(
         self,
@@ -303,7 +329,10 @@ class Renderer:
     ) -> str:
         assert self.tokenizer is not None
         return self.tokenizer.apply_chat_template(
-            messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
+            _for_template(messages),
+            tools=tools,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
         )
 
     def _answer_start(

@@ -265,5 +265,8 @@ def _texts(renderer: Renderer, row: Mapping[str, Any]) -> tuple[str, list[str], 
         answers, labels = [row["completion"]], [bool(row["label"])]
     else:
         answers, labels = [row["chosen"], row["rejected"]], [True, False]
-    pieces = [renderer.prompt_and_answer(row["messages"], a, row["location"]) for a in answers]
+    tools = row.get("tools") or ""
+    pieces = [
+        renderer.prompt_and_answer(row["messages"], a, row["location"], tools) for a in answers
+    ]
     return pieces[0][0], [answer for _, answer in pieces], labels

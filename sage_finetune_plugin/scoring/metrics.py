@@ -74,12 +74,21 @@ def _scorer() -> Any:
     return RougeScorer(["rougeL"], tokenizer=_Words())
 
 
-def rouge_l(answer: str, reference: str) -> float:
-    """ROUGE-L F-measure (longest common subsequence of words)."""
+def rouge_available() -> bool:
+    """Whether ROUGE-L can be computed (rouge-score, the ``eval`` extra, is installed)."""
+    from ..deps import installed
+
+    return installed("rouge_score")
+
+
+def rouge_l(answer: str, reference: str) -> float | None:
+    """ROUGE-L F-measure (longest common subsequence of words); None without rouge-score."""
+    if not rouge_available():
+        return None
     return float(_scorer().score(reference, answer)["rougeL"].fmeasure)
 
 
-def answer_scores(answer: str, reference: str) -> dict[str, float]:
+def answer_scores(answer: str, reference: str) -> dict[str, float | None]:
     return {
         "exact_match": exact_match(answer, reference),
         "token_f1": token_f1(answer, reference),
@@ -87,5 +96,7 @@ def answer_scores(answer: str, reference: str) -> dict[str, float]:
     }
 
 
-def mean(values: Sequence[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+def mean(values: Sequence[float | None]) -> float | None:
+    """The mean of the values that are there (None when none is)."""
+    present = [value for value in values if value is not None]
+    return sum(present) / len(present) if present else None

@@ -30,8 +30,9 @@ METRICS = {
     "hit_limit": "hit the token limit",
 }
 #: The metric ``list`` shows (tuned, and its change from the base): it stays meaningful for
-#: long answers, where exact match is 0.
+#: long answers, where exact match is 0. Without rouge-score, token F1 stands in.
 HEADLINE = "rouge_l"
+FALLBACK_HEADLINE = "token_f1"
 #: Worst and best examples shown in report.md.
 EXAMPLES = 5
 SCORES = ("exact_match", "token_f1", "rouge_l")
@@ -90,6 +91,16 @@ class EvalReport:
     examples: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     created_at: str = field(default_factory=now_iso)
+    #: What the report leaves out and why (ROUGE-L without rouge-score).
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def headline(self) -> str:
+        """The metric that sums the report up: ROUGE-L, or token F1 when it was not computed."""
+        sides = [side for side in (self.tuned, self.base) if side]
+        if any(side.get(HEADLINE) is not None for side in sides):
+            return HEADLINE
+        return FALLBACK_HEADLINE
 
     @property
     def change(self) -> dict[str, float | None]:
@@ -125,13 +136,14 @@ class EvalReport:
             "change": self.change or None,
             "base_cached": self.base_cached,
             "settings": self.settings,
+            "notes": self.notes,
             "examples": self.examples,
         }
 
     def to_meta(self) -> dict[str, Any]:
         """The summary kept in the meta (``eval``): no examples, no settings."""
         summary = {k: v for k, v in self.to_dict().items() if k not in ("examples", "settings")}
-        return {**summary, "metric": HEADLINE, "report": f"{EVAL_DIR}/report.md"}
+        return {**summary, "metric": self.headline, "report": f"{EVAL_DIR}/report.md"}
 
 
 def metric_rows(report: EvalReport) -> list[tuple[str, str, str, str]]:
@@ -147,12 +159,14 @@ def metric_rows(report: EvalReport) -> list[tuple[str, str, str, str]]:
 
 
 def ranked_examples(report: EvalReport) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The worst and the best examples by the tuned model's ROUGE-L (the base's when only
-    the base was evaluated), then by token F1; at most EXAMPLES each, never the same twice."""
+    """The worst and the best examples by the tuned model's headline metric (the base's when
+    only the base was evaluated), then by token F1; at most EXAMPLES each, never the same
+    twice."""
     side = "tuned" if report.tuned is not None else "base"
+    metric = report.headline
     ranked = sorted(
         (e for e in report.examples if side in e),
-        key=lambda e: (e[side]["rouge_l"], e[side]["token_f1"]),
+        key=lambda e: (e[side][metric], e[side]["token_f1"]),
     )
     count = min(EXAMPLES, (len(ranked) + 1) // 2)
     return ranked[:count], ranked[count:][::-1][:EXAMPLES]
@@ -173,19 +187,20 @@ def markdown(report: EvalReport) -> str:
     lines += [f"- Evaluated: {report.created_at}.", "", "| metric | base | tuned | change |"]
     lines.append("|---|---:|---:|---:|")
     lines += [f"| {' | '.join(row)} |" for row in metric_rows(report)]
+    lines += [f"\n{note}" for note in report.notes]
     worst, best = ranked_examples(report)
     for title, examples in (("Worst examples", worst), ("Best examples", best)):
         if examples:
             lines += ["", f"## {title}", ""]
             for example in examples:
-                lines += _example_block(example)
+                lines += _example_block(example, report.headline)
     return "\n".join(lines) + "\n"
 
 
-def _example_block(example: dict[str, Any]) -> list[str]:
+def _example_block(example: dict[str, Any], metric: str) -> list[str]:
     sides = [name for name in ("base", "tuned") if name in example]
-    scores = ", ".join(f"{name} {example[name]['rouge_l']:.2f}" for name in sides)
-    lines = [f"### {example['location']} (ROUGE-L {scores})", "", "**Prompt**", ""]
+    scores = ", ".join(f"{name} {example[name][metric]:.2f}" for name in sides)
+    lines = [f"### {example['location']} ({METRICS[metric]} {scores})", "", "**Prompt**", ""]
     lines += [f"> {line}" if line else ">" for line in example["prompt"].splitlines()]
     lines += ["", "| reference | " + " | ".join(f"{name} answer" for name in sides) + " |"]
     lines.append("|---" * (len(sides) + 1) + "|")
