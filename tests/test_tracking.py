@@ -1,0 +1,289 @@
+"""Experiment tracking with the real libraries, offline: MLflow on a SQLite store read back with
+MlflowClient, W&B offline runs read back from their transaction log, TensorBoard events; a
+resumed run continues the same tracker runs, `eval` logs into them, `list` shows them; a
+missing extra and an unknown tracker are one line each."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from sage_finetune_plugin.cli import finetune
+from sage_finetune_plugin.config import TrainingConfig
+from sage_finetune_plugin.errors import ConfigError
+from sage_finetune_plugin.evaluation import evaluate_task
+from sage_finetune_plugin.meta import load_meta
+from sage_finetune_plugin.runs import train_from_meta
+from sage_finetune_plugin.task import scan_tasks
+
+from conftest import build_prepared_task, run_cli
+
+#: A short run with held-out data (eval loss) and a checkpoint at step 2 and 4.
+SHORT = {"max_steps": 4, "save_steps": 2, "logging_steps": 2, "eval_ratio": 0.1}
+
+
+def invoke(*args: str) -> Any:
+    return CliRunner().invoke(finetune, list(args), catch_exceptions=False)
+
+
+# --- the setting -----------------------------------------------------------------------------
+
+
+def test_report_to_takes_a_list_a_comma_separated_text_or_none() -> None:
+    assert TrainingConfig().report_to == ["tensorboard"]  # the default, as before
+    assert TrainingConfig(report_to="tensorboard, MLflow").report_to == ["tensorboard", "mlflow"]
+    assert TrainingConfig(report_to=["wandb", "wandb"]).report_to == ["wandb"]
+    assert TrainingConfig(report_to="none").report_to == []
+    # A meta or config file written by 0.x holds the text form.
+    assert TrainingConfig.from_dict({"report_to": "none"}).report_to == []
+    assert TrainingConfig.from_dict({"report_to": "tensorboard"}).report_to == ["tensorboard"]
+    changed = TrainingConfig().with_settings(["report_to=wandb,mlflow"])
+    assert changed.report_to == ["wandb", "mlflow"]
+    assert TrainingConfig.from_dict(changed.to_dict()).report_to == ["wandb", "mlflow"]
+    with pytest.raises(ConfigError, match=r"unknown tracker 'comet'; known: tensorboard, wandb"):
+        TrainingConfig(report_to="tensorboard,comet")
+
+
+def test_an_unknown_tracker_is_one_line_listing_the_known_ones(prepared_task: Path) -> None:
+    result = invoke("run", str(prepared_task), "--report-to", "tensorboard,comet")
+    assert result.exit_code == 2
+    assert "unknown tracker 'comet'; known: tensorboard, wandb, mlflow (or none)" in result.output
+    assert "Traceback" not in result.output
+    assert load_meta(prepared_task).status == "prepared"
+
+
+@pytest.mark.parametrize("tracker", ["mlflow", "wandb"])
+def test_a_missing_tracker_package_is_one_line_naming_the_extra(
+    prepared_task: Path, tmp_path: Path, tracker: str
+) -> None:
+    proc = run_cli(
+        "sage-finetune",
+        "run",
+        str(prepared_task),
+        "--report-to",
+        f"tensorboard,{tracker}",
+        env=env_uninstalled(tmp_path, tracker),
+    )
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert f"Missing package(s): {tracker}" in lines[0]
+    assert f"pip install 'sage-finetune-plugin[{tracker}]'" in lines[0]
+    assert load_meta(prepared_task).status == "prepared"  # refused before anything ran
+
+
+# --- MLflow ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mlflow_task(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A task trained 4 steps with MLflow in the default store (the task root's SQLite
+    database), then resumed to step 6."""
+    base = tmp_path_factory.mktemp("mlflow")
+    with pytest.MonkeyPatch.context() as patch:
+        _isolate(patch, base)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        task = build_prepared_task(base / "root", tiny_model_dir, "demo", report_to="mlflow", **SHORT)
+        first = train_from_meta(task)
+        first_run = load_meta(task).tracking["mlflow"]
+        second = train_from_meta(task, resume=True, max_steps=6)
+        task.joinpath("first-run.json").write_text(
+            json.dumps({"run": first_run, "loss_history": first.metrics["loss_history"]})
+        )
+        assert second.metrics["resumed_from_step"] == 4
+        yield task
+
+
+def test_mlflow_run_on_a_sqlite_store_has_the_params_and_each_logged_loss(
+    mlflow_task: Path,
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    meta = load_meta(mlflow_task)
+    record = meta.tracking["mlflow"]
+    store = mlflow_task.parent / "mlflow.db"
+    assert record["tracking_uri"] == f"sqlite:///{store.resolve()}" and store.is_file()
+    client = MlflowClient(tracking_uri=record["tracking_uri"])
+    run = client.get_run(record["run_id"])
+    assert run.info.run_name == "demo" and run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["config/learning_rate"] == "0.003" and params["learning_rate"] == "0.003"
+    assert params["config/lora.r"] == "8" and params["config/lora.lora_alpha"] == "16"
+    assert params["runtime/device"] == "cpu" and params["runtime/precision"] == "float32"
+    assert params["data/samples"] == str(meta.data_stats["samples"])
+    assert {"grad_norm", "learning_rate", "train_tokens_per_second", "eval_loss"} <= set(
+        run.data.metrics
+    )
+    logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    recorded = {h["step"]: h["loss"] for h in meta.metrics["loss_history"]}
+    assert sorted(logged) == [1, 2, 4, 6]  # the first step, every 2nd, and the resumed run's
+    assert logged == pytest.approx(recorded)
+    assert client.get_experiment(run.info.experiment_id).name == "sage-finetune"
+
+
+def test_a_resumed_run_continues_the_same_mlflow_run(mlflow_task: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    first = json.loads(mlflow_task.joinpath("first-run.json").read_text())
+    record = load_meta(mlflow_task).tracking["mlflow"]
+    assert record["run_id"] == first["run"]["run_id"]
+    client = MlflowClient(tracking_uri=record["tracking_uri"])
+    runs = client.search_runs([record["experiment_id"]])
+    assert [r.info.run_id for r in runs] == [record["run_id"]]  # no second run opened
+    run = runs[0]
+    # MLflow keeps a parameter's first value; the resumed run tags what it changed.
+    assert run.data.params["config/max_steps"] == "4"
+    assert run.data.tags["sage.resumed.config/max_steps"] == "6"
+    assert first["loss_history"][-1]["step"] == 4
+
+
+def test_eval_logs_its_metrics_into_the_same_mlflow_run_and_list_shows_it(
+    mlflow_task: Path,
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    report = evaluate_task(mlflow_task, base=False, max_samples=2, max_new_tokens=4)
+    record = load_meta(mlflow_task).tracking["mlflow"]
+    client = MlflowClient(tracking_uri=record["tracking_uri"])
+    history = client.get_metric_history(record["run_id"], "eval_report/tuned/loss")
+    assert [(m.step, m.value) for m in history] == [(6, pytest.approx(report.tuned["loss"]))]
+
+    (row,) = [e.summary() for e in scan_tasks(mlflow_task.parent)]
+    assert row["tracker"] == f"mlflow:{record['run_id']}"
+    listed = invoke("list", "--root", str(mlflow_task.parent), "--json")
+    assert json.loads(listed.output)["tasks"][0]["tracking"]["mlflow"] == record
+    table = invoke("list", "--root", str(mlflow_task.parent)).output
+    assert "TRACKER" in table and f"mlflow:{record['run_id']}" in table
+
+
+# --- W&B offline and TensorBoard ---------------------------------------------------------------
+
+
+def test_wandb_offline_run_holds_the_config_and_history_and_eval_joins_it(
+    make_prepared_task, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    task = make_prepared_task(report_to="wandb,tensorboard", **SHORT)
+    result = train_from_meta(task)
+    record = load_meta(task).tracking["wandb"]
+    assert record["mode"] == "offline" and record["project"] == "sage-finetune"
+    folder = Path(record["run_dir"])
+    assert folder.parent == task / "logs" / "wandb" and folder.name.endswith(record["run_id"])
+
+    records = wandb_records(folder / f"run-{record['run_id']}.wandb")
+    (run,) = records["run"]
+    assert run.run.run_id == record["run_id"] and run.run.display_name == task.name
+    config = {item.key: json.loads(item.value_json) for item in run.run.config.update}
+    assert config["config/lora.r"] == 8 and config["config/learning_rate"] == 0.003
+    assert config["runtime/device"] == "cpu" and config["data/samples"] > 0
+    steps = [_history(r) for r in records["history"]]
+    losses = {int(h["train/global_step"]): h["train/loss"] for h in steps if "train/loss" in h}
+    recorded = {h["step"]: h["loss"] for h in result.metrics["loss_history"]}
+    assert losses == pytest.approx(recorded) and sorted(losses) == [1, 2, 4]
+    assert any("eval/loss" in h for h in steps)
+    assert all("train/train_tokens_per_second" in h for h in steps if "train/loss" in h)
+
+    # TensorBoard, as before, next to it.
+    scalars = tensorboard_scalars(task / "logs")
+    assert sorted(step for step, _ in scalars["train/loss"]) == [1, 2, 4]
+
+    # eval: offline, W&B writes the reopened run (same id) into a folder of its own.
+    report = evaluate_task(task, base=False, max_samples=2, max_new_tokens=4)
+    later = [f for f in folder.parent.glob(f"offline-run-*-{record['run_id']}") if f != folder]
+    assert len(later) == 1
+    logged = [_history(r) for r in wandb_records(next(later[0].glob("*.wandb")))["history"]]
+    assert logged[0]["eval_report/tuned/loss"] == pytest.approx(report.tuned["loss"])
+    assert tensorboard_scalars(task / "logs")["eval_report/tuned/loss"] == [
+        (4, pytest.approx(report.tuned["loss"]))
+    ]
+    assert load_meta(task).tracking["wandb"] == record
+
+
+def test_no_tracker_leaves_no_run_records(make_prepared_task) -> None:
+    task = make_prepared_task(report_to="none", max_steps=2)
+    train_from_meta(task)
+    assert load_meta(task).tracking == {}
+    assert not (task / "logs").exists() or not any((task / "logs").iterdir())
+    (row,) = [e.summary() for e in scan_tasks(task.parent)]
+    assert row["tracker"] is None
+
+
+# --- readers -----------------------------------------------------------------------------------
+
+
+def wandb_records(path: Path) -> dict[str, list[Any]]:
+    """The records of a W&B transaction log (``run-<id>.wandb``), by kind. The file is a
+    LevelDB-style log (a 7-byte header ``:W&B``, magic, version; then 32 KiB blocks of chunks,
+    each with a checksum, a length and a type: full, first, middle or last) of W&B's own
+    protobuf ``Record`` messages, parsed here with W&B's message class."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    ident, _magic, _version = struct.unpack("<4sHB", data[:7])
+    assert ident == b":W&B"
+    found: dict[str, list[Any]] = {}
+    position, block, pending = 7, 32768, b""
+    while position + 7 <= len(data):
+        left = block - position % block
+        _crc, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        if left < 7 or (length == 0 and kind == 0):  # the rest of a block is padding
+            position += left
+            continue
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            found.setdefault(record.WhichOneof("record_type"), []).append(record)
+            pending = b""
+    return found
+
+
+def _history(record: Any) -> dict[str, float]:
+    return {
+        item.key or "/".join(item.nested_key): json.loads(item.value_json)
+        for item in record.history.item
+    }
+
+
+def tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(logdir.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            found.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    return found
+
+
+def env_uninstalled(tmp_path: Path, package: str) -> dict[str, str]:
+    """A subprocess environment in which ``package`` looks uninstalled to every check:
+    ``import`` fails and ``importlib.util.find_spec`` answers None, as transformers' own
+    availability checks expect (conftest.env_without makes find_spec raise, which they do
+    not survive)."""
+    site = tmp_path / "uninstalled"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(f"import sys\nsys.modules[{package!r}] = None\n")
+    paths = [str(site), os.environ.get("PYTHONPATH")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+
+
+def _isolate(patch: pytest.MonkeyPatch, base: Path) -> None:
+    """HOME and XDG_* in ``base`` (as the autouse fixture does for each test)."""
+    home = base / "home"
+    home.mkdir()
+    patch.setenv("HOME", str(home))
+    for var in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME"):
+        patch.setenv(var, str(home / var.lower()))
+    patch.chdir(base)
