@@ -85,15 +85,17 @@ def test_a_missing_tracker_package_is_one_line_naming_the_extra(
 @pytest.fixture(scope="module")
 def mlflow_task(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A task trained 4 steps with MLflow in the default store (the task root's SQLite
-    database), then resumed to step 6."""
+    database), then resumed to step 6 with the artefacts logged."""
     base = tmp_path_factory.mktemp("mlflow")
     with pytest.MonkeyPatch.context() as patch:
         _isolate(patch, base)
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        task = build_prepared_task(base / "root", tiny_model_dir, "demo", report_to="mlflow", **SHORT)
+        task = build_prepared_task(
+            base / "root", tiny_model_dir, "demo", report_to="mlflow", **SHORT
+        )
         first = train_from_meta(task)
         first_run = load_meta(task).tracking["mlflow"]
-        second = train_from_meta(task, resume=True, max_steps=6)
+        second = train_from_meta(task, resume=True, max_steps=6, tracker_artifacts=True)
         task.joinpath("first-run.json").write_text(
             json.dumps({"run": first_run, "loss_history": first.metrics["loss_history"]})
         )
@@ -142,6 +144,39 @@ def test_a_resumed_run_continues_the_same_mlflow_run(mlflow_task: Path) -> None:
     assert run.data.params["config/max_steps"] == "4"
     assert run.data.tags["sage.resumed.config/max_steps"] == "6"
     assert first["loss_history"][-1]["step"] == 4
+
+
+def test_artefacts_are_logged_when_asked_beside_the_local_store(mlflow_task: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    record = load_meta(mlflow_task).tracking["mlflow"]
+    client = MlflowClient(tracking_uri=record["tracking_uri"])
+    logged = {a.path for a in client.list_artifacts(record["run_id"])}
+    assert logged == {"loss.png", "adapter"}
+    adapter = {a.path for a in client.list_artifacts(record["run_id"], "adapter")}
+    assert "adapter/adapter_model.safetensors" in adapter
+    stored = mlflow_task.parent / "mlartifacts"  # beside mlflow.db, not in the working folder
+    assert next(stored.rglob("loss.png")).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_only_the_main_process_opens_runs_and_logs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sage_finetune_plugin.books import RunBooks
+    from sage_finetune_plugin.training.tracking import TrackerRuns
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    store = tmp_path / "runs.db"
+    config = TrainingConfig(
+        report_to="tensorboard,wandb,mlflow", mlflow_tracking_uri=f"sqlite:///{store}"
+    )
+    task_dir = tmp_path / "task"
+    runs = TrackerRuns(config, task_dir, RunBooks(task_dir))
+    assert runs.callbacks() == []
+    with runs.running({"config/learning_rate": 1e-4}, resume=False):
+        pass
+    assert not store.exists() and not task_dir.exists()
 
 
 def test_eval_logs_its_metrics_into_the_same_mlflow_run_and_list_shows_it(
