@@ -275,7 +275,13 @@ class TrainingConfig:
         "none for none).",
         scope=TASK,
         default_factory=lambda: ["tensorboard"],
-        flag=Flag("report-to", commands=("run", "quickstart"), metavar="TRACKER,..."),
+        flag=Flag(
+            "report-to",
+            commands=("run", "quickstart"),
+            metavar="TRACKER,...",
+            help="Log the run to experiment trackers, comma-separated: tensorboard (the "
+            "default), wandb, mlflow; none for none (wandb and mlflow: their extras).",
+        ),
     )
     tracker_project: str | None = setting(
         "W&B project and MLflow experiment (None: $WANDB_PROJECT / $MLFLOW_EXPERIMENT_NAME, "
