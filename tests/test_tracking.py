@@ -79,6 +79,19 @@ def test_a_missing_tracker_package_is_one_line_naming_the_extra(
     assert load_meta(prepared_task).status == "prepared"  # refused before anything ran
 
 
+def test_a_tracker_that_cannot_open_its_run_stops_the_run_in_one_line(
+    prepared_task: Path,
+) -> None:
+    result = invoke(
+        "run", str(prepared_task), "--report-to", "mlflow", "--set", "mlflow_tracking_uri=foo://x"
+    )
+    assert result.exit_code == 1
+    (line,) = result.output.strip().splitlines()[-1:]
+    assert line.startswith("Error: Cannot open the MLflow run: ") and "foo://x" in line
+    assert "leave mlflow out of report_to" in line and "Traceback" not in result.output
+    assert load_meta(prepared_task).status == "failed"
+
+
 # --- MLflow ----------------------------------------------------------------------------------
 
 

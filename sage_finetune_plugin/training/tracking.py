@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import TrainingInterrupted
+from ..errors import TrainingError, TrainingInterrupted
 from ..paths import LOGS_DIR
 from ..tracking import (
     MLFLOW_ARTIFACTS,
@@ -101,10 +101,12 @@ class TrackerRuns:
                 environment(MLFLOW_RUN_ID=None, MLFLOW_MAX_LOG_PARAMS="0" if previous else None)
             )
             if "mlflow" in self.config.report_to:
-                self.records["mlflow"] = self._open_mlflow(previous.get("mlflow"), params)
+                with _opening("mlflow", "MLflow", "mlflow_tracking_uri or $MLFLOW_TRACKING_URI"):
+                    self.records["mlflow"] = self._open_mlflow(previous.get("mlflow"), params)
                 stack.callback(self._close_mlflow)
             if "wandb" in self.config.report_to:
-                self.records["wandb"] = self._open_wandb(previous.get("wandb"), params)
+                with _opening("wandb", "W&B", "`wandb login`, or WANDB_MODE=offline"):
+                    self.records["wandb"] = self._open_wandb(previous.get("wandb"), params)
                 stack.callback(self._close_wandb)
             if "tensorboard" in self.config.report_to:
                 self._tensorboard_params(params)
@@ -226,6 +228,20 @@ class TrackerRuns:
             writer.add_text("sage_finetune/params", f"```\n{text}\n```")
         finally:
             writer.close()
+
+
+@contextlib.contextmanager
+def _opening(name: str, tracker: str, advice: str) -> Iterator[None]:
+    """A tracker that cannot open its run (a server down, a bad URI, no login) stops the run
+    in one line, before the first step."""
+    try:
+        yield
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrainingError(
+            f"Cannot open the {tracker} run: {detail}. Check {advice}, or leave "
+            f"{name} out of report_to."
+        ) from None
 
 
 def run_params(
