@@ -227,10 +227,11 @@ def test_wandb_offline_run_holds_the_config_and_history_and_eval_joins_it(
     folder = Path(record["run_dir"])
     assert folder.parent == task / "logs" / "wandb" and folder.name.endswith(record["run_id"])
 
-    records = wandb_records(folder / f"run-{record['run_id']}.wandb")
+    records = wandb_records(_log(folder))
     (run,) = records["run"]
     assert run.run.run_id == record["run_id"] and run.run.display_name == task.name
-    config = {item.key: json.loads(item.value_json) for item in run.run.config.update}
+    updates = [*run.run.config.update, *(i for r in records["config"] for i in r.config.update)]
+    config = {item.key: json.loads(item.value_json) for item in updates}
     assert config["config/lora.r"] == 8 and config["config/learning_rate"] == 0.003
     assert config["runtime/device"] == "cpu" and config["data/samples"] > 0
     steps = [_history(r) for r in records["history"]]
@@ -244,16 +245,29 @@ def test_wandb_offline_run_holds_the_config_and_history_and_eval_joins_it(
     scalars = tensorboard_scalars(task / "logs")
     assert sorted(step for step, _ in scalars["train/loss"]) == [1, 2, 4]
 
-    # eval: offline, W&B writes the reopened run (same id) into a folder of its own.
+    # run --resume: the same run id; offline, W&B writes the reopened run into a folder of
+    # its own (`wandb sync` uploads the folders of one run in order).
+    train_from_meta(task, resume=True, max_steps=6)
+    resumed = load_meta(task).tracking["wandb"]
+    assert resumed["run_id"] == record["run_id"] and resumed["run_dir"] != record["run_dir"]
+    logged = [_history(r) for r in wandb_records(_log(resumed["run_dir"]))["history"]]
+    assert [h["train/global_step"] for h in logged if "train/loss" in h] == [6]
+
+    # eval: into the same run id again, and into the TensorBoard logs.
     report = evaluate_task(task, base=False, max_samples=2, max_new_tokens=4)
-    later = [f for f in folder.parent.glob(f"offline-run-*-{record['run_id']}") if f != folder]
-    assert len(later) == 1
-    logged = [_history(r) for r in wandb_records(next(later[0].glob("*.wandb")))["history"]]
+    folders = sorted(folder.parent.glob(f"offline-run-*-{record['run_id']}"))
+    assert len(folders) == 3 and folders[:2] == [folder, Path(resumed["run_dir"])]
+    logged = [_history(r) for r in wandb_records(_log(folders[2]))["history"]]
     assert logged[0]["eval_report/tuned/loss"] == pytest.approx(report.tuned["loss"])
     assert tensorboard_scalars(task / "logs")["eval_report/tuned/loss"] == [
-        (4, pytest.approx(report.tuned["loss"]))
+        (6, pytest.approx(report.tuned["loss"]))
     ]
-    assert load_meta(task).tracking["wandb"] == record
+    assert load_meta(task).tracking["wandb"] == resumed
+
+
+def _log(run_dir: str | Path) -> Path:
+    """The transaction log of a W&B run folder."""
+    return next(Path(run_dir).glob("run-*.wandb"))
 
 
 def test_no_tracker_leaves_no_run_records(make_prepared_task) -> None:

@@ -193,9 +193,9 @@ class TrackerRuns:
             project=project,
             name=self.task_dir.name,
             dir=folder,
-            config=dict(params),
             settings=wandb.Settings(console="off", silent=True),
         )
+        run.config.update(dict(params), allow_val_change=True)  # a resumed run may change some
         entity = run.entity or None
         logger.info("W&B run %s (%s)", run.id, run.settings.mode)
         return {
@@ -237,7 +237,8 @@ def _opening(name: str, tracker: str, advice: str) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        detail = text.splitlines()[0].rstrip(".") if text else type(exc).__name__
         raise TrainingError(
             f"Cannot open the {tracker} run: {detail}. Check {advice}, or leave "
             f"{name} out of report_to."
