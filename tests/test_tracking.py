@@ -172,6 +172,25 @@ def test_artefacts_are_logged_when_asked_beside_the_local_store(mlflow_task: Pat
     assert next(stored.rglob("loss.png")).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
+def test_two_processes_log_one_mlflow_run(make_prepared_task, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    task = make_prepared_task(report_to="mlflow", max_steps=4, logging_steps=2)
+    uri = f"sqlite:///{tmp_path / 'runs.db'}"
+    proc = run_cli(
+        "sage-finetune", "run", str(task), "--nproc", "2", "--set", f"mlflow_tracking_uri={uri}"
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = load_meta(task).tracking["mlflow"]
+    client = MlflowClient(tracking_uri=uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (run,) = client.search_runs(experiments)  # one run, opened by rank 0
+    assert run.info.run_id == record["run_id"] and run.data.params["runtime/world_size"] == "2"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert steps == [1, 2, 4]  # once per logging step, not once per process
+
+
 def test_only_the_main_process_opens_runs_and_logs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
