@@ -191,6 +191,31 @@ def test_two_processes_log_one_mlflow_run(make_prepared_task, tmp_path: Path) ->
     assert steps == [1, 2, 4]  # once per logging step, not once per process
 
 
+def test_mlflow_run_id_attaches_and_an_interrupted_run_is_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from sage_finetune_plugin.books import RunBooks
+    from sage_finetune_plugin.errors import TrainingInterrupted
+    from sage_finetune_plugin.training.tracking import TrackerRuns
+
+    uri = f"sqlite:///{tmp_path / 'runs.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    theirs = client.create_run(client.create_experiment("team")).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", theirs)
+    config = TrainingConfig(report_to="mlflow", mlflow_tracking_uri=uri)
+    books = RunBooks(tmp_path / "task")
+    books.config = config
+    runs = TrackerRuns(config, tmp_path / "task", books)
+    with pytest.raises(TrainingInterrupted), runs.running({"config/lora.r": 8}, resume=False):
+        raise TrainingInterrupted("stopped")
+    run = client.get_run(theirs)
+    assert run.info.status == "KILLED" and run.data.params == {"config/lora.r": "8"}
+    assert load_meta(tmp_path / "task").tracking["mlflow"]["run_id"] == theirs
+    assert os.environ["MLFLOW_RUN_ID"] == theirs  # hidden from MLflowCallback only meanwhile
+
+
 def test_only_the_main_process_opens_runs_and_logs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -93,16 +93,22 @@ class TrackerRuns:
             return
         self.check()
         previous = dict(self.books.tracking()) if resume else {}
+        uri = mlflow_uri(self.config, self.task_dir)
+        mlflow_run = previous.get("mlflow") or {}
+        reopened = mlflow_run.get("run_id") if mlflow_run.get("tracking_uri") == uri else None
+        mlflow_id = reopened or os.environ.get("MLFLOW_RUN_ID")  # $MLFLOW_RUN_ID: attach to it
+        # MLflowCallback would start a run of its own for $MLFLOW_RUN_ID (ours is open), and a
+        # reopened run has the Trainer's parameters already (MLflow keeps the first value of
+        # each; the changes of ours are tagged sage.resumed.*).
+        hidden: dict[str, str | None] = {"MLFLOW_RUN_ID": None}
+        if reopened:
+            hidden["MLFLOW_MAX_LOG_PARAMS"] = "0"
+        self.outcome = "FAILED"
         with contextlib.ExitStack() as stack:
-            # MLflowCallback would start a run of its own for $MLFLOW_RUN_ID (ours is open),
-            # and a resumed run's parameters are logged already (MLflow keeps the first value
-            # of each: the changes are tagged sage.resumed.*).
-            stack.enter_context(
-                environment(MLFLOW_RUN_ID=None, MLFLOW_MAX_LOG_PARAMS="0" if previous else None)
-            )
+            stack.enter_context(environment(**hidden))
             if "mlflow" in self.config.report_to:
                 with _opening("mlflow", "MLflow", "mlflow_tracking_uri or $MLFLOW_TRACKING_URI"):
-                    self.records["mlflow"] = self._open_mlflow(previous.get("mlflow"), params)
+                    self.records["mlflow"] = self._open_mlflow(uri, mlflow_id, params)
                 stack.callback(self._close_mlflow)
             if "wandb" in self.config.report_to:
                 with _opening("wandb", "W&B", "`wandb login`, or WANDB_MODE=offline"):
@@ -111,29 +117,23 @@ class TrackerRuns:
             if "tensorboard" in self.config.report_to:
                 self._tensorboard_params(params)
             self.books.record_tracking(self.records)
-            self.outcome = "FINISHED"
             try:
                 yield self
             except (TrainingInterrupted, KeyboardInterrupt):
                 self.outcome = "KILLED"
                 raise
-            except BaseException:
-                self.outcome = "FAILED"
-                raise
+            self.outcome = "FINISHED"
 
     # --- MLflow ----------------------------------------------------------------------------------
 
-    def _open_mlflow(self, previous: dict[str, Any] | None, params: Mapping[str, Any]) -> dict:
+    def _open_mlflow(self, uri: str, run_id: str | None, params: Mapping[str, Any]) -> dict:
+        """Start the MLflow run in ``uri`` (reopen ``run_id`` when given)."""
         import mlflow
 
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating tables"
-        uri = mlflow_uri(self.config, self.task_dir)
         mlflow.set_tracking_uri(uri)
         if mlflow.active_run() is not None:  # left open by a run that crashed in this process
             mlflow.end_run("FAILED")
-        run_id = os.environ.get("MLFLOW_RUN_ID")  # the user attaches the run to one of theirs
-        if previous and previous.get("tracking_uri") == uri:
-            run_id = previous.get("run_id")
         if run_id:
             run = mlflow.start_run(run_id=run_id)
         else:
