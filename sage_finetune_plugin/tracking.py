@@ -92,6 +92,33 @@ def local_store(uri: str) -> Path | None:
     return None
 
 
+def destinations(
+    config: TrainingConfig, task_dir: Path, tracking: Mapping[str, Any] | None = None
+) -> list[str]:
+    """Where a run of ``config`` in ``task_dir`` logs, one line per tracker (the dry run);
+    with ``tracking`` (the meta's records, for a resumed run) the runs it continues."""
+    tracking = tracking or {}
+    lines = []
+    for name in config.report_to:
+        if name == "tensorboard":
+            lines.append(f"TensorBoard: {Path(task_dir) / LOGS_DIR}")
+        elif name == "mlflow":
+            uri = mlflow_uri(config, task_dir)
+            same = (tracking.get("mlflow") or {}).get("tracking_uri") == uri
+            go_on = f", continues run {tracking['mlflow']['run_id']}" if same else ""
+            lines.append(f"MLflow: {uri}, experiment {mlflow_experiment(config)}{go_on}")
+        elif name == "wandb":
+            mode = os.environ.get("WANDB_MODE") or "online"
+            folder = os.environ.get("WANDB_DIR") or str(Path(task_dir) / WANDB_DIR)
+            run = (tracking.get("wandb") or {}).get("run_id")
+            go_on = f", continues run {run}" if run else ""
+            lines.append(
+                f"W&B: project {wandb_project(config)}, {mode} (run folders in "
+                f"{Path(folder) / 'wandb'}){go_on}"
+            )
+    return lines
+
+
 @contextlib.contextmanager
 def environment(**values: str | None) -> Iterator[None]:
     """Set (a string) or remove (None) environment variables for the block, then restore them."""

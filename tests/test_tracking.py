@@ -59,6 +59,28 @@ def test_an_unknown_tracker_is_one_line_listing_the_known_ones(prepared_task: Pa
     assert load_meta(prepared_task).status == "prepared"
 
 
+def test_the_dry_run_says_where_each_tracker_logs(
+    prepared_task: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = invoke(
+        "run", str(prepared_task), "--report-to", "tensorboard,mlflow,wandb", "--dry-run"
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    at = lines.index("Tracking:")
+    store = (prepared_task.parent / "mlflow.db").resolve()
+    assert lines[at + 1 : at + 4] == [
+        f"  TensorBoard: {prepared_task / 'logs'}",
+        f"  MLflow: sqlite:///{store}, experiment sage-finetune",
+        f"  W&B: project sage-finetune, offline (run folders in {prepared_task}/logs/wandb)",
+    ]
+    assert not store.exists()  # a dry run writes nothing
+    none = invoke("run", str(prepared_task), "--report-to", "none", "--dry-run").output
+    assert "Tracking: none" in none
+
+
 @pytest.mark.parametrize("tracker", ["mlflow", "wandb"])
 def test_a_missing_tracker_package_is_one_line_naming_the_extra(
     prepared_task: Path, tmp_path: Path, tracker: str
