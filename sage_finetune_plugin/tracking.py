@@ -3,9 +3,9 @@
 A run logs through transformers' own integrations (``TensorBoardCallback``, ``WandbCallback``,
 ``MLflowCallback``); training/tracking.py opens the runs they log into. This module holds what
 the other commands need without training: the package each tracker needs (one line naming the
-extra when it is missing), where runs go by default, the run records kept in the task's meta
-(``tracking``: the W&B run id, the MLflow run id and store), and
-logging into the same runs later (``eval``'s results, the artefacts after a run).
+extra when it is missing), where runs go by default (the dry run's lines), and logging later
+into the runs whose records the task's meta keeps (``tracking``: the W&B run id, the MLflow run
+id and store): ``eval``'s results, the artefacts after a run.
 
 Where runs go unless told otherwise:
 

@@ -92,6 +92,7 @@ class TrackerRuns:
             yield self
             return
         self.check()
+        self.records = {}
         previous = dict(self.books.tracking()) if resume else {}
         uri = mlflow_uri(self.config, self.task_dir)
         mlflow_run = previous.get("mlflow") or {}
