@@ -194,6 +194,24 @@ def test_artefacts_are_logged_when_asked_beside_the_local_store(mlflow_task: Pat
     assert next(stored.rglob("loss.png")).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_preference_run_logs_its_rewards(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+    from test_preference import preference_task
+
+    uri = f"sqlite:///{tmp_path / 'runs.db'}"
+    task = preference_task(
+        tmp_path / "root", tiny_model_dir, "dpo", max_steps=2, report_to="mlflow"
+    )
+    train_from_meta(task, mlflow_tracking_uri=uri)
+    record = load_meta(task).tracking["mlflow"]
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(record["run_id"])
+    assert run.data.params["config/method"] == "dpo" and run.data.params["config/pref_beta"]
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, name)]
+        assert steps[:2] == [1, 2], name
+
+
 @pytest.mark.slow
 def test_two_processes_log_one_mlflow_run(make_prepared_task, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
