@@ -49,6 +49,8 @@ def test_report_to_takes_a_list_a_comma_separated_text_or_none() -> None:
     assert TrainingConfig.from_dict(changed.to_dict()).report_to == ["wandb", "mlflow"]
     with pytest.raises(ConfigError, match=r"unknown tracker 'comet'; known: tensorboard, wandb"):
         TrainingConfig(report_to="tensorboard,comet")
+    with pytest.raises(ConfigError, match=r"unknown tracker 'neptune'"):
+        TrainingConfig().with_settings(["report_to=neptune"])
 
 
 def test_an_unknown_tracker_is_one_line_listing_the_known_ones(prepared_task: Path) -> None:
