@@ -156,6 +156,15 @@ class RunBooks:
             self._plot(outcome.config, metrics)
         return metrics
 
+    def tracking(self) -> dict[str, Any]:
+        """The tracker runs recorded for the task (W&B and MLflow run ids, per tracker)."""
+        meta = self._meta()
+        return dict(meta.tracking) if meta is not None else {}
+
+    def record_tracking(self, records: dict[str, Any]) -> None:
+        """Keep the run's tracker runs in the meta (``run --resume`` and ``eval`` reopen them)."""
+        self._update(tracking=records)
+
     def note(self, text: str) -> None:
         self.notes.append(text)
         logger.warning("Note: %s", text)
@@ -202,10 +211,7 @@ class RunBooks:
         """The meta's stages as this run begins: a resumed run goes on with its stage, a run
         that continues an adapter (``init_adapter``) adds a stage after the finished ones,
         any other run starts the list over."""
-        meta = self.task.meta if self.task is not None else None
-        if meta is None and meta_path(self.task_dir).exists():
-            with contextlib.suppress(FinetuneError):
-                meta = load_meta(self.task_dir)
+        meta = self._meta()
         stages = [dict(stage) for stage in meta.stages] if meta is not None else []
         if resume and stages and stages[-1].get("method") == config.method:
             stages[-1]["status"] = TaskStatus.TRAINING
@@ -253,6 +259,14 @@ class RunBooks:
         if stages:
             stages[-1].update(status=status, **fields)
         return stages
+
+    def _meta(self) -> TaskMeta | None:
+        """The task's meta as it is (None for a folder without a readable one)."""
+        meta = self.task.meta if self.task is not None else None
+        if meta is None and meta_path(self.task_dir).exists():
+            with contextlib.suppress(FinetuneError):
+                meta = load_meta(self.task_dir)
+        return meta
 
     def _relative(self, path: str | None) -> str | None:
         """A path inside the task relative to it (as the meta stores its own files)."""

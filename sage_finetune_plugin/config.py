@@ -37,6 +37,9 @@ LARGE_MODEL = "Qwen/Qwen2.5-Coder-7B-Instruct"
 #: output head" (peft resolves it per model).
 ALL_LINEAR = "all-linear"
 
+#: The experiment trackers ``report_to`` names (transformers' integrations of the same names).
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
 #: Scopes of a setting: ``task`` describes the task (its model, data, objective) and is kept
 #: when a preset is applied to it (``run --preset``); ``preset`` is a hyperparameter a preset
 #: replaces.
@@ -267,7 +270,36 @@ class TrainingConfig:
     logging_steps: int = setting("Log every N optimizer steps.", default=10)
     save_steps: int = setting("Checkpoint every N optimizer steps.", default=500)
     save_total_limit: int = setting("Checkpoints kept (oldest deleted first).", default=2)
-    report_to: str = setting("tensorboard or none.", default="tensorboard")
+    report_to: list[str] = setting(
+        "Experiment trackers: tensorboard, wandb, mlflow (several: a list or comma-separated; "
+        "none for none).",
+        scope=TASK,
+        default_factory=lambda: ["tensorboard"],
+        flag=Flag(
+            "report-to",
+            commands=("run", "quickstart"),
+            metavar="TRACKER,...",
+            help="Log the run to experiment trackers, comma-separated: tensorboard (the "
+            "default), wandb, mlflow; none for none (wandb and mlflow: their extras).",
+        ),
+    )
+    tracker_project: str | None = setting(
+        "W&B project and MLflow experiment (None: $WANDB_PROJECT / $MLFLOW_EXPERIMENT_NAME, "
+        "else sage-finetune).",
+        scope=TASK,
+        default=None,
+    )
+    mlflow_tracking_uri: str | None = setting(
+        "MLflow tracking store: a server URL, a folder or sqlite:///file.db (None: "
+        "$MLFLOW_TRACKING_URI, else sqlite:///<task root>/mlflow.db).",
+        scope=TASK,
+        default=None,
+    )
+    tracker_artifacts: bool = setting(
+        "Also log the loss plot and the adapter to W&B and MLflow as artefacts.",
+        scope=TASK,
+        default=False,
+    )
 
     lora: LoRAConfig = setting("LoRA settings.", default_factory=LoRAConfig)
 
@@ -334,6 +366,7 @@ class TrainingConfig:
 
     def validate(self) -> None:
         """Raise ConfigError for the first invalid value."""
+        self.report_to = parse_trackers(self.report_to)  # the 0.x text form too
         _check_types(self)
         positive = {
             "learning_rate": self.learning_rate,
@@ -365,8 +398,6 @@ class TrainingConfig:
             raise ConfigError(
                 f"bnb_4bit_quant_type must be nf4 or fp4, got {self.bnb_4bit_quant_type!r}."
             )
-        if self.report_to not in ("tensorboard", "none"):
-            raise ConfigError(f"report_to must be tensorboard or none, got {self.report_to!r}.")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"num_threads must be at least 1, got {self.num_threads}.")
         if self.method not in method_names():
@@ -486,6 +517,26 @@ def parse_bool(value: Any) -> bool | None:
     return None
 
 
+def parse_trackers(value: Any) -> list[str]:
+    """``report_to`` as a list of tracker names, from a list or a comma-separated text
+    (``tensorboard,mlflow``); ``none`` or nothing is no tracker. ConfigError for an unknown
+    name, listing the known ones."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"report_to must be a list of tracker names, got {value!r}.")
+    names = [name.strip().lower() for name in value if name.strip()]
+    names = [name for name in names if name != "none"]
+    for name in names:
+        if name not in TRACKERS:
+            raise ConfigError(
+                f"report_to: unknown tracker {name!r}; known: {', '.join(TRACKERS)} (or none)."
+            )
+    return list(dict.fromkeys(names))
+
+
 def setting_fields() -> dict[str, dataclasses.Field[Any]]:
     """Every setting as ``{key: field}``: the TrainingConfig fields and ``lora.<field>``."""
     top = {f.name: f for f in dataclasses.fields(TrainingConfig) if f.name != "lora"}
@@ -597,6 +648,8 @@ def _typed(key: str, raw: str, hint: Any) -> Any:
     word = raw.lower()
     if type(None) in allowed and word in _NULL_WORDS:
         return None
+    if key == "report_to":
+        return parse_trackers(raw)
     if key == "lora.target_modules":
         names = [name.strip() for name in raw.split(",") if name.strip()]
         if not names:

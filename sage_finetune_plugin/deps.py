@@ -33,6 +33,8 @@ EXTRAS = {
     "fastapi": "serve",
     "uvicorn": "serve",
     "openai": "serve",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
 }
 
 

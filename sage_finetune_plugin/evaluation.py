@@ -35,6 +35,7 @@ from .scoring.inference import Answer
 from .scoring.metrics import rouge_available
 from .scoring.report import EvalReport, markdown, metric_rows, model_metrics, score_answers
 from .task import Task
+from .tracking import log_to_task_runs, numbers
 from .training.runtime import Hardware, Runtime, inference_runtime
 
 if TYPE_CHECKING:
@@ -247,7 +248,16 @@ def _evaluate(
     base_entry = (key, sides["base"], models["base"]) if "base" in sides else None
     _write(report, base_entry)
     task.update(eval=report.to_meta())
+    _track(task, report, say)
     return report
+
+
+def _track(task: Task, report: EvalReport, say: Status) -> None:
+    """The report's metrics into the tracker runs of the task's last training run
+    (``eval_report/tuned/...``, ``eval_report/base/...``, ``eval_report/change/...``)."""
+    sides = {"tuned": report.tuned or {}, "base": report.base or {}, "change": report.change}
+    for note in log_to_task_runs(task, numbers(sides, "eval_report/")):
+        say(note)
 
 
 def _check_trained(task: Task, checkpoint: str | int) -> None:

@@ -93,6 +93,10 @@ class TaskMeta:
     merged_path: str | None = None
     #: What ``merge`` recorded: dtype, size in bytes, checkpoint, logits check.
     merge: dict[str, Any] = field(default_factory=dict)
+    #: The experiment-tracker runs of the task's last run, per tracker (``mlflow``: run_id,
+    #: experiment_id, tracking_uri; ``wandb``: run_id, project, entity, path, dir, mode), so that
+    #: ``run --resume`` and ``eval`` log into the same runs.
+    tracking: dict[str, Any] = field(default_factory=dict)
     #: The training stages that made the adapter, oldest first (``sft``, then ``dpo``, ...):
     #: method, data, status, steps, what it started from, its last metrics.
     stages: list[dict[str, Any]] = field(default_factory=list)

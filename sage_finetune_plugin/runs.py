@@ -39,6 +39,7 @@ from .methods import get_method
 from .presets import apply_preset
 from .progress import ProgressSink, Status
 from .task import Task
+from .tracking import tracker_blockers
 from .training.launch import LaunchOptions, launch_command, launch_config_path
 from .training.memory import (
     DEFAULT_MARGIN,
@@ -235,6 +236,7 @@ def plan_run(
     hardware = hardware or Hardware.detect()
     runtime = resolve_runtime(config, hardware)
     blockers = get_method(config.method).blockers(config)
+    blockers.extend(tracker_blockers(config))  # wandb or mlflow not installed
     if options.launch.node_rank == 0:  # node 0 holds the lock for a multi-node run
         try:
             task.lock().check()

@@ -327,7 +327,19 @@ class TaskEntry:
             "adapter": bool(m.adapter_path) and task.adapter_dir.exists(),
             "merged": bool(merged and merged.exists()),
             "updated": progress.get("updated_at", m.updated_at),
+            "tracker": tracker_runs(m.tracking),
+            "tracking": m.tracking,
         }
+
+
+def tracker_runs(tracking: dict[str, Any]) -> str | None:
+    """The task's tracker runs in one cell: ``wandb:<run path>``, ``mlflow:<run id>``."""
+    labels = []
+    if wandb := tracking.get("wandb"):
+        labels.append(f"wandb:{wandb.get('path') or wandb.get('run_id')}")
+    if mlflow := tracking.get("mlflow"):
+        labels.append(f"mlflow:{mlflow.get('run_id')}")
+    return ", ".join(labels) or None
 
 
 def eval_headline(evaluation: dict[str, Any]) -> dict[str, Any] | None:

@@ -27,7 +27,7 @@ def test_original_defaults():
     assert config.warmup_ratio == 0.1
     assert config.seed == 42
     assert (config.logging_steps, config.save_steps, config.save_total_limit) == (10, 500, 2)
-    assert config.report_to == "tensorboard"
+    assert config.report_to == ["tensorboard"]
     assert config.lora.lora_dropout == 0.05
     assert config.lora.target_modules == ALL_LINEAR
     # The original's defaults could not run on CPU: no fp16 / 8-bit optimizer / 8-bit loading.
@@ -50,7 +50,8 @@ def test_original_defaults():
         ({"learning_rate": "fast"}, "learning_rate must be"),
         ({"max_length": 1.5}, "max_length must be int"),
         ({"load_in_4bit": "yes"}, "load_in_4bit must be bool"),
-        ({"report_to": "wandb"}, "report_to"),
+        ({"report_to": "comet"}, "report_to: unknown tracker"),
+        ({"report_to": 3}, "report_to must be a list"),
         ({"model_name": "  "}, "model_name is empty"),
     ],
 )
@@ -293,6 +294,9 @@ def test_a_preset_keeps_every_task_level_setting():
         "method": "kto",
         "init_adapter": "adapter",
         "eval_ratio": 0.2,
+        "report_to": ["mlflow", "wandb"],
+        "tracker_project": "team",
+        "mlflow_tracking_uri": "sqlite:///runs.db",
     }
     for key in task_keys:  # the rest: booleans flipped, numbers moved
         value = getattr(defaults, key)

@@ -35,6 +35,7 @@ def test_table_shows_every_column(tmp_path):
         num_samples=120,
         metrics={"global_step": 60, "train_loss": 1.23456},
         adapter_path="adapter",
+        tracking={"wandb": {"run_id": "abc123", "path": "team/sage-finetune/abc123"}},
     )
     (task / "adapter").mkdir()
     add_task(root, "qa", task_type="qa", model="m", format="qa")
@@ -54,6 +55,7 @@ def test_table_shows_every_column(tmp_path):
         "ADAPTER",
         "MERGED",
         "UPDATED",
+        "TRACKER",
     ]
     code = lines[1].split()
     assert code[:11] == [
@@ -69,7 +71,8 @@ def test_table_shows_every_column(tmp_path):
         "yes",
         "no",
     ]
-    assert lines[2].split()[:2] == ["qa", "prepared"]
+    assert code[-1] == "wandb:team/sage-finetune/abc123"  # the tracker run, last
+    assert lines[2].split()[:2] == ["qa", "prepared"] and lines[2].split()[-1] == "-"
 
 
 def test_broken_task_is_listed_and_others_still_show(tmp_path):

@@ -14,7 +14,15 @@ from typing import Any, TypeVar
 
 import click
 
-from ..config import Flag, LoRAConfig, TrainingConfig, allowed_types, flags, parse_mapping
+from ..config import (
+    Flag,
+    LoRAConfig,
+    TrainingConfig,
+    allowed_types,
+    flags,
+    parse_mapping,
+    parse_trackers,
+)
 from ..config import setting_help as _setting_help
 from ..errors import ConfigError
 
@@ -100,6 +108,8 @@ def _converter(key: str, flag: Flag, allowed: tuple[type, ...]) -> Callable[[Any
         return lambda value: parse_mapping(value, f"--{flag.name}") if value else None
     if key == "data_format":
         return _format
+    if key == "report_to":
+        return lambda value: parse_trackers(value) if value is not None else None
     return lambda value: value
 
 

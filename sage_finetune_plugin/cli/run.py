@@ -13,6 +13,7 @@ from ..config import setting_help, setting_keys
 from ..errors import UsageProblem
 from ..presets import PresetConfigs
 from ..runs import QUANTIZATION, RunOptions, RunPlan
+from ..tracking import destinations
 from ._common import (
     ProgressBar,
     cli_words,
@@ -217,6 +218,11 @@ def _print_plan(plan: RunPlan) -> None:
     )
     for note in runtime.notes:
         click.echo(f"  note: {note}")
+    resumed = plan.task.meta.tracking if plan.options.resume else None
+    trackers = destinations(config, plan.task.path, resumed)
+    click.echo("Tracking:" if trackers else "Tracking: none")
+    for line in trackers:
+        click.echo(f"  {line}")
     for line in plan.objective_lines():
         click.echo(line)
     for note in plan.notes:

@@ -25,6 +25,7 @@ COLUMNS = [
     ("ADAPTER", "adapter"),
     ("MERGED", "merged"),
     ("UPDATED", "updated"),
+    ("TRACKER", "tracker"),
 ]
 
 
@@ -32,7 +33,7 @@ COLUMNS = [
 @root_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def list_command(root: Path | None, as_json: bool) -> None:
-    """List every task under the root with its status, metrics and live progress."""
+    """List every task under the root with its status, metrics, live progress and tracker runs."""
     from ..task import scan_tasks
 
     base = task_root(root)

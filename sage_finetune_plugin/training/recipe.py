@@ -48,7 +48,7 @@ from ..paths import (
     ADAPTER_DIR,
     CANCEL_FILE,
     CHECKPOINTS_DIR,
-    LOGS_DIR,
+    LOSS_PLOT,
     PREPARED_CACHE,
     atomic_directory,
     remove_tree,
@@ -59,6 +59,7 @@ from .callbacks import ProgressCallback, RankLogCallback, StopOnSignal
 from .distributed import fsdp_enabled, is_main_process, world_size
 from .metrics import TrainOutcome, TrainResult, run_metrics
 from .runtime import Hardware, Runtime, quantization_config, resolve_runtime
+from .tracking import TrackerRuns, run_params
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
@@ -116,6 +117,8 @@ class LoRATrainer:
         for note in notes:
             self._note(note)
         self._stop = StopOnSignal(cancel_file=self.task_dir / CANCEL_FILE)
+        self.trackers = TrackerRuns(config, self.task_dir, self.books)
+        self.trackers.check()  # a missing wandb or mlflow, before any model loads
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -139,7 +142,13 @@ class LoRATrainer:
         ``resume_from_checkpoint=True`` continues from the newest complete checkpoint of the
         task (from scratch when there is none)."""
         with self.books.run(self.config, resume=bool(resume_from_checkpoint)):
-            return self.books.finish(self.fit(resume_from_checkpoint))
+            result = self.books.finish(self.fit(resume_from_checkpoint))
+        if self.config.tracker_artifacts and is_main_process():
+            from ..tracking import log_to_task_runs
+
+            files = [self.task_dir / LOSS_PLOT, self.task_dir / ADAPTER_DIR]
+            result.notes.extend(log_to_task_runs(Task(self.task_dir), files=files))
+        return result
 
     def fit(self, resume_from_checkpoint: bool | str | os.PathLike[str] = False) -> TrainOutcome:
         """The recipe without the books: what the run did. Raises TrainingInterrupted (with
@@ -167,14 +176,16 @@ class LoRATrainer:
         self.trainer = self.build_trainer(self.model, self.data)
         checkpoint = self._checkpoint_to_resume(resume)
         resumed = _resume_point(checkpoint)  # read now: rotation may delete the checkpoint
-        with self._stop.installed():
-            output = self.trainer.train(resume_from_checkpoint=checkpoint and str(checkpoint))
-        if self._stop.requested:
-            outcome = self._outcome(started, resumed)
-            message = self.books.interrupted_message(saved=self.trainer.state)
-            raise TrainingInterrupted(message, outcome)
-        self._evaluate_final()
-        self.save(self.trainer)
+        params = run_params(self._config_used(), self.runtime, self.data.stats)
+        with self.trackers.running(params, resume=checkpoint is not None):
+            with self._stop.installed():
+                output = self.trainer.train(resume_from_checkpoint=checkpoint and str(checkpoint))
+            if self._stop.requested:
+                outcome = self._outcome(started, resumed)
+                message = self.books.interrupted_message(saved=self.trainer.state)
+                raise TrainingInterrupted(message, outcome)
+            self._evaluate_final()
+            self.save(self.trainer)
         return self._outcome(started, resumed, output)
 
     # --- steps (override in a subclass) -----------------------------------------------------
@@ -263,19 +274,21 @@ class LoRATrainer:
 
     def build_trainer(self, model: Any, data: PreparedDataset) -> Trainer:
         """The method's ``transformers.Trainer`` (or TRL's), with this plugin's progress
-        reports, TensorBoard logs in ``<task>/logs`` and the Ctrl-C / cancel handler."""
+        reports, the experiment trackers (TensorBoard logs in ``<task>/logs``, W&B, MLflow)
+        and the Ctrl-C / cancel handler."""
         return self.method.build_trainer(self, model, data)
 
     def install_callbacks(self, trainer: Trainer) -> None:
-        """This plugin's progress reports, Ctrl-C / cancel handler and TensorBoard logs in
-        place of the Trainer's console output (any Trainer subclass)."""
+        """This plugin's progress reports, Ctrl-C / cancel handler and experiment trackers
+        (``config.report_to``) in place of the Trainer's console output (any Trainer
+        subclass)."""
         from transformers import PrinterCallback
         from transformers import ProgressCallback as HFProgressCallback
 
         trainer.remove_callback(HFProgressCallback)
         trainer.remove_callback(PrinterCallback)
         reports = ProgressCallback(self.books.progress)
-        for callback in (reports, self._stop, *self._tensorboard(), *self.callbacks):
+        for callback in (reports, self._stop, *self.trackers.callbacks(), *self.callbacks):
             trainer.add_callback(callback)
         if world_size() > 1:
             trainer.add_callback(RankLogCallback())
@@ -395,17 +408,6 @@ class LoRATrainer:
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
         set_seed(self.config.seed)
-
-    def _tensorboard(self) -> list[Any]:
-        if self.config.report_to != "tensorboard" or not is_main_process():
-            return []
-        from ..deps import require
-
-        require("tensorboard")
-        from torch.utils.tensorboard import SummaryWriter
-        from transformers.integrations import TensorBoardCallback
-
-        return [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(self.task_dir / LOGS_DIR)))]
 
     def _checkpoint_to_resume(self, resume: bool | str | os.PathLike[str]) -> Path | None:
         """The checkpoint to continue from; a fresh run clears the old checkpoints."""
