@@ -55,7 +55,13 @@ from ..paths import (
 )
 from ..progress import ProgressSink
 from ..task import Task
-from .callbacks import ProgressCallback, RankLogCallback, StopOnSignal
+from .callbacks import (
+    NonFinite,
+    ProgressCallback,
+    RankLogCallback,
+    StopOnNonFinite,
+    StopOnSignal,
+)
 from .distributed import fsdp_enabled, is_main_process, world_size
 from .metrics import TrainOutcome, TrainResult, run_metrics
 from .runtime import Hardware, Runtime, quantization_config, resolve_runtime
@@ -116,6 +122,7 @@ class LoRATrainer:
         for note in notes:
             self._note(note)
         self._stop = StopOnSignal(cancel_file=self.task_dir / CANCEL_FILE)
+        self._finite = StopOnNonFinite()
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -156,6 +163,7 @@ class LoRATrainer:
 
     def _recipe(self, resume: bool | str | os.PathLike[str], started: float) -> TrainOutcome:
         self._stop.requested = False
+        self._finite.failure = None
         self._runtime = None
         for note in self.runtime.notes:
             self._note(note)
@@ -169,6 +177,8 @@ class LoRATrainer:
         resumed = _resume_point(checkpoint)  # read now: rotation may delete the checkpoint
         with self._stop.installed():
             output = self.trainer.train(resume_from_checkpoint=checkpoint and str(checkpoint))
+        if self._finite.failure is not None:
+            raise TrainingError(self._non_finite_message(self._finite.failure))
         if self._stop.requested:
             outcome = self._outcome(started, resumed)
             message = self.books.interrupted_message(saved=self.trainer.state)
@@ -275,7 +285,7 @@ class LoRATrainer:
         trainer.remove_callback(HFProgressCallback)
         trainer.remove_callback(PrinterCallback)
         reports = ProgressCallback(self.books.progress)
-        for callback in (reports, self._stop, *self._tensorboard(), *self.callbacks):
+        for callback in (reports, self._stop, self._finite, *self._tensorboard(), *self.callbacks):
             trainer.add_callback(callback)
         if world_size() > 1:
             trainer.add_callback(RankLogCallback())
@@ -314,6 +324,7 @@ class LoRATrainer:
             length_column_name="length",
             logging_steps=config.logging_steps,
             logging_first_step=True,
+            logging_nan_inf_filter=False,  # a non-finite loss stops the run (StopOnNonFinite)
             save_strategy="steps",
             save_steps=config.save_steps,
             save_total_limit=config.save_total_limit,
@@ -444,6 +455,27 @@ class LoRATrainer:
         if self.target_modules:
             changes["lora"] = {"target_modules": list(self.target_modules)}
         return self.config.replace(**changes)
+
+    def _non_finite_message(self, failure: NonFinite) -> str:
+        """One line: the step, the precision, the last good state and what to try."""
+        config, runtime = self.config, self.runtime
+        if failure.intact and failure.step > 1:
+            kept = f"checkpoint-{failure.step} holds the weights of step {failure.step - 1}"
+        elif failure.intact:
+            kept = "no step succeeded, so there is no checkpoint"
+        else:
+            newest = latest_checkpoint(self.checkpoints_dir)
+            kept = f"{newest.name} is the last good state" if newest else "there is no checkpoint"
+        advice = [f"a lower learning_rate (now {config.learning_rate:g})"]
+        if runtime.fp16:
+            advice.append("bf16 instead of fp16 (bf16=True, fp16=False) where the device has it")
+        if not config.max_grad_norm:
+            advice.append("gradient clipping (max_grad_norm=1.0)")
+        return (
+            f"Training stopped at step {failure.step}: the {failure.what} became "
+            f"{failure.value} in {runtime.dtype_name} ({kept}). Try {', '.join(advice)}; then "
+            "start over (force=True) or continue from the checkpoint (resume=True)."
+        )
 
     def _out_of_memory_message(self) -> str:
         from .memory import estimate_memory
