@@ -73,16 +73,16 @@ def test_the_probe_measures_once_per_machine_and_caches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SAGE_FINETUNE_CACHE", str(tmp_path))
-    first = cpu_precision(64, 256, threads=1)
+    first = cpu_precision(16, 64, threads=1)
     assert not first.cached and first.fp32_s > 0 and first.bf16_s > 0 and first.cost_s > 0
-    assert (first.hidden, first.intermediate, first.threads) == (64, 256, 1)
-    again = cpu_precision(64, 256, threads=1)
+    assert (first.hidden, first.intermediate, first.threads) == (16, 64, 1)
+    again = cpu_precision(16, 64, threads=1)
     assert again.cached and again.fp32_s == first.fp32_s
     saved = json.loads((tmp_path / "precision.json").read_text())
     assert [entry["fp32_s"] for entry in saved.values()] == [first.fp32_s]
-    assert not cpu_precision(64, 256, threads=1, refresh=True).cached
+    assert not cpu_precision(16, 64, threads=1, refresh=True).cached
     (tmp_path / "precision.json").write_text("{not json")  # a damaged cache: measured again
-    assert not cpu_precision(64, 256, threads=1).cached
+    assert not cpu_precision(16, 64, threads=1).cached
 
 
 def test_a_cpu_run_is_probed_only_where_it_can_matter(

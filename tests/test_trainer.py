@@ -350,6 +350,29 @@ def test_a_non_finite_gradient_stops_the_run_and_keeps_the_last_good_state(
     assert weights and all(bool(torch.isfinite(w).all()) for w in weights.values())
 
 
+def test_the_evaluation_before_training_is_cached_per_model_data_and_settings(
+    make_prepared_task,
+) -> None:
+    task_dir = make_prepared_task(eval_ratio=0.2, max_steps=2, save_steps=100)
+
+    def first_evaluation(**overrides) -> dict:
+        result = train_from_meta(task_dir, force=True, **overrides)
+        return next(h for h in result.metrics["eval_loss_history"] if h["step"] == 0)
+
+    cache = task_dir / ".cache" / "base-eval.json"
+    fresh = first_evaluation()
+    assert cache.is_file()
+    (entry,) = json.loads(cache.read_text()).values()
+    assert entry["eval_loss"] == fresh["loss"]
+    # The same model, split and settings: the cached numbers, not a new evaluation (the
+    # evaluation's own runtime would differ).
+    assert first_evaluation() == fresh
+    log = json.loads((task_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert log["log_history"][0]["eval_runtime"] == entry["eval_runtime"]
+    first_evaluation(max_length=48)  # another rendering of the split: evaluated again
+    assert len(json.loads(cache.read_text())) == 2
+
+
 def test_runtime_policy_on_a_cpu() -> None:
     cpu = Hardware()
     runtime = resolve_runtime(TrainingConfig(), cpu)

@@ -46,6 +46,7 @@ from ..methods import get_method
 from ..models import quiet_deprecations
 from ..paths import (
     ADAPTER_DIR,
+    BASE_EVAL_CACHE,
     CANCEL_FILE,
     CHECKPOINTS_DIR,
     LOGS_DIR,
@@ -55,6 +56,7 @@ from ..paths import (
 )
 from ..progress import ProgressSink
 from ..task import Task
+from .base_eval import base_evaluation_key, cache_base_evaluation
 from .callbacks import (
     NonFinite,
     ProgressCallback,
@@ -173,6 +175,7 @@ class LoRATrainer:
         self.model = self.attach_lora(self.load_model())
         self.data = self.prepare_data()
         self.trainer = self.build_trainer(self.model, self.data)
+        self._cache_base_evaluation(self.trainer, self.data)
         checkpoint = self._checkpoint_to_resume(resume)
         resumed = _resume_point(checkpoint)  # read now: rotation may delete the checkpoint
         with self._stop.installed():
@@ -398,6 +401,27 @@ class LoRATrainer:
         last = [h for h in state.log_history if "eval_loss" in h][-1:]
         if not last or last[0]["step"] != state.global_step:
             self.trainer.evaluate()
+
+    def _cache_base_evaluation(self, trainer: Trainer, data: PreparedDataset) -> None:
+        """The evaluation before the first step from the task's cache, keyed by what it depends
+        on: the model (and the adapter a later stage starts from), the eval split as rendered,
+        where and how it runs, the batches and the adapter's settings."""
+        if data.eval is None or not data.stats.cache_key:
+            return
+        config, runtime = self.config, self.runtime
+        key = base_evaluation_key(
+            model=self.model_path or config.model_name,
+            start=Path(config.init_adapter) if config.init_adapter else None,
+            data=data.stats.cache_key,
+            device=runtime.device,
+            dtype=runtime.dtype_name,
+            quantization=runtime.quantization,
+            batch=config.per_device_train_batch_size,
+            packing=data.packing,
+            method=config.method,
+            adapter=config.to_dict()["lora"],
+        )
+        cache_base_evaluation(trainer, self.task_dir / BASE_EVAL_CACHE, key)
 
     def _setup_process(self) -> None:
         import torch
