@@ -186,3 +186,25 @@ def test_a_run_without_bitsandbytes_never_imports_it(prepared_task: Path, optim:
     # imported: not in sys.modules afterwards.
     assert found == ("bitsandbytes: module" if optim == "adamw_8bit" else "bitsandbytes: str")
     assert "Trained 2 steps" in proc.stdout
+
+
+def test_doctor_shows_the_machine_and_measures_on_request(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from sage_finetune_plugin.cli import finetune
+
+    monkeypatch.setenv("SAGE_FINETUNE_CACHE", str(tmp_path))
+    model = ("--model", str(tiny_model_dir), "--threads", "1")
+    shown = CliRunner().invoke(finetune, ["doctor", *model, "--json"])
+    assert shown.exit_code == 0, shown.output
+    report = json.loads(shown.output)
+    expected = resolve_runtime(tiny_config(tiny_model_dir, num_threads=1))
+    assert (report["device"], report["precision"]) == ("cpu", expected.dtype_name)
+    assert report["versions"]["torch"] and report["cpu"]["capability"]
+    benched = CliRunner().invoke(finetune, ["doctor", *model, "--bench"])
+    assert benched.exit_code == 0, benched.output
+    assert "measured on this CPU: bf16" in benched.output
+    (verdict,) = json.loads((tmp_path / "precision.json").read_text()).values()
+    assert (verdict["hidden"], verdict["threads"]) == (64, 1)
