@@ -70,10 +70,13 @@ def machine_report(
             hardware = measured_hardware(config, hardware)
             probe = hardware.cpu_probe
     runtime = resolve_runtime(config, hardware)
-    versions = {name: _version(name) for name in STACK}
+    versions: dict[str, str | None] = {
+        "sage-finetune-plugin": __version__,
+        "python": platform.python_version(),
+    }
+    versions.update((name, _version(name)) for name in STACK)
     return MachineReport(
-        versions={"sage-finetune-plugin": __version__, "python": platform.python_version()}
-        | versions,
+        versions=versions,
         device=runtime.device,
         cpu=machine_facts(),
         threads=threads,
