@@ -15,20 +15,21 @@ trained by:
   trl_grouped   TRL at its best, length-grouped: train_sampling_strategy="group_by_length"
   trl_padfree   TRL at its best, padding-free: each batch flattened into one row
   trl_packed    TRL at its best, packed: packing=True (best-fit decreasing into max_length rows)
-  trl_bf16      trl_grouped (with --packing: trl_padfree) in bf16 mixed precision, whether or
-                not the CPU is fast at it, to show what bf16 does on this machine
+  trl_*_bf16    the same three in bf16 mixed precision (the others train in fp32)
   original      the original SAGE design: transformers.Trainer, every sample padded to
                 max_length, loss on every token, DataCollatorForLanguageModeling
 
-The TRL rows other than ``trl`` and ``trl_bf16`` use the precision ``--peer-precision`` says
-(``auto``: bf16 where this package's runtime policy trains in bf16 on this CPU, else fp32).
-"TRL at its best" is the fastest of those rows. Each runner trains in its own subprocess, one
-after the other. Printed side by side: trained (non-padding) tokens per second over the
-training loop and relative to TRL at its best, the model FLOPs rate (4 x N FLOPs per token, N
-= base parameters: forward plus backward to the activations) and its share of the CPU's peak
-for the precision used, the share of padding, the last logged loss and the mean of all logged
-losses (not comparable with the original design, which also trains on prompts), and the peak
-RSS of the process.
+"TRL at its best" is the fastest of the trl_grouped / trl_padfree / trl_packed rows run, in
+either precision: TRL's fastest CPU setting is chosen by measurement in the same run. The bf16
+rows are skipped (with a note) where the precision probe (training/precision.py) measures bf16
+at less than half the speed of fp32 on this CPU (emulated bf16: a 15-step row would take hours);
+``--bf16-rows always|never`` overrides. Each runner trains in its own subprocess, one after the
+other. Printed side by side: trained (non-padding) tokens per second over the training loop and
+relative to TRL at its best, the model FLOPs rate (4 x N FLOPs per token, N = base parameters:
+forward plus backward to the activations) and its share of the CPU's peak for the precision
+used (the formula is printed), the share of padding, the last logged loss and the mean of all
+logged losses (not comparable with the original design, which also trains on prompts), and the
+peak RSS of the process.
 
     .venv/bin/python benchmarks/train_throughput.py [--steps 15] [--only ours trl_grouped]
     .venv/bin/python benchmarks/train_throughput.py --packing
@@ -50,18 +51,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-RUNNERS = (
-    "ours",
-    "ours_random",
-    "trl",
-    "trl_grouped",
-    "trl_padfree",
-    "trl_packed",
-    "trl_bf16",
-    "original",
-)
-DEFAULT_RUNNERS = ("ours", "trl", "trl_grouped", "trl_padfree", "trl_bf16", "original")
-PACKING_RUNNERS = ("ours", "trl_padfree", "trl_packed", "trl_bf16")
 #: TRL's batch layouts as SFTConfig values.
 TRL_LAYOUTS = {
     "random": {"train_sampling_strategy": "random"},
@@ -69,8 +58,17 @@ TRL_LAYOUTS = {
     "padfree": {"train_sampling_strategy": "random", "padding_free": True},
     "packed": {"train_sampling_strategy": "random", "packing": True},
 }
-#: Runners that are TRL at its best (its best layouts in the peer precision).
-TRL_BEST = ("trl_grouped", "trl_padfree", "trl_packed")
+#: Runners that are TRL at its best (its best layouts, in fp32 and in bf16).
+TRL_BEST = tuple(
+    f"trl_{layout}{suffix}"
+    for layout in ("grouped", "padfree", "packed")
+    for suffix in ("", "_bf16")
+)
+RUNNERS = ("ours", "ours_random", "trl", *TRL_BEST, "original")
+DEFAULT_RUNNERS = ("ours", "trl", *TRL_BEST[:4], "original")
+PACKING_RUNNERS = ("ours", *TRL_BEST[2:])
+#: bf16 rows run only where the precision probe measures bf16 at least this fast against fp32.
+BF16_ROWS_MIN_SPEED = 0.5
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 #: TrainingArguments that turn length grouping off (before and after transformers 5).
 RANDOM_ORDER = {"group_by_length": False, "train_sampling_strategy": "random"}
@@ -230,15 +228,16 @@ def lora_config() -> Any:
     )
 
 
-def peer_bf16(args: argparse.Namespace) -> bool:
-    """Whether the TRL-at-its-best rows train in bf16: as this package's runtime policy decides
-    for this CPU (``auto``), or as ``--peer-precision`` says."""
-    if args.peer_precision != "auto":
-        return args.peer_precision == "bf16"
-    from sage_finetune_plugin.config import TrainingConfig
-    from sage_finetune_plugin.training.runtime import resolve_runtime
+def bf16_rows(args: argparse.Namespace) -> tuple[bool, str]:
+    """Whether the bf16 rows run, and why: as ``--bf16-rows`` says, or (``auto``) where the
+    precision probe measures bf16 at least ``BF16_ROWS_MIN_SPEED`` times as fast as fp32."""
+    if args.bf16_rows != "auto":
+        return args.bf16_rows == "always", f"--bf16-rows {args.bf16_rows}"
+    from sage_finetune_plugin.models import model_config
+    from sage_finetune_plugin.training.precision import cpu_precision, probe_shapes
 
-    return resolve_runtime(TrainingConfig()).bf16
+    probe = cpu_precision(*probe_shapes(model_config(args.model)), threads=args.threads)
+    return probe.speedup >= BF16_ROWS_MIN_SPEED, probe.reason()
 
 
 # --- the runners (each returns its transformers Trainer after training) ----------------------
@@ -379,10 +378,8 @@ def runner_function(name: str, args: argparse.Namespace) -> Any:
         return run_original
     if name == "trl":
         return functools.partial(run_trl, layout="random", bf16=False)
-    if name == "trl_bf16":
-        layout = "padfree" if args.packing else "grouped"
-        return functools.partial(run_trl, layout=layout, bf16=True)
-    return functools.partial(run_trl, layout=name.removeprefix("trl_"), bf16=peer_bf16(args))
+    layout = name.removeprefix("trl_").removesuffix("_bf16")
+    return functools.partial(run_trl, layout=layout, bf16=name.endswith("_bf16"))
 
 
 # --- worker and driver -------------------------------------------------------------------------
@@ -458,8 +455,6 @@ def _shared_options(args: argparse.Namespace) -> list[str]:
         str(args.lr),
         "--threads",
         str(args.threads),
-        "--peer-precision",
-        args.peer_precision,
     ]
     if args.packing:
         options.append("--packing")
@@ -517,10 +512,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--packing", action="store_true", help="packed batches for ours, TRL's packing layouts"
     )
     parser.add_argument(
-        "--peer-precision",
-        choices=("auto", "fp32", "bf16"),
+        "--bf16-rows",
+        choices=("auto", "always", "never"),
         default="auto",
-        help="precision of the TRL-at-its-best rows (auto: as this package's policy decides)",
+        help="run the bf16 rows (auto: where the precision probe measures bf16 at least half "
+        "as fast as fp32)",
     )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--worker", choices=RUNNERS, help=argparse.SUPPRESS)
@@ -543,13 +539,16 @@ def main(argv: list[str] | None = None) -> int:
     runners = [name for name in args.only if not name.startswith("trl") or _has_trl()]
     if len(runners) < len(args.only):
         print("note: trl is not installed (pip install trl): its rows are skipped")
+    with_bf16, why = bf16_rows(args)
+    if not with_bf16 and any(name.endswith("_bf16") for name in runners):
+        runners = [name for name in runners if not name.endswith("_bf16")]
+        print(f"note: the bf16 rows are skipped ({why})")
     print(
         f"{args.model}: {args.records} alpaca records, max_length {args.max_length}, "
         f"batch {args.batch}{' packed' if args.packing else ''}, {args.steps} steps, LoRA "
         f"r16/32 on q/k/v/o, lr {args.lr:g}, {args.threads} torch thread(s), gradient "
-        f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, TRL-at-its-best "
-        f"precision {'bf16' if peer_bf16(args) else 'fp32'} ({args.peer_precision}), load "
-        f"average {os.getloadavg()[0]:.2f} at start"
+        f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, load average "
+        f"{os.getloadavg()[0]:.2f} at start"
     )
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:

@@ -27,6 +27,8 @@ META_FILENAME = "finetune_meta.json"
 DATASET_FILE = "data/train.jsonl"
 CONFIG_FILE = "training_config.json"
 PREPARED_CACHE = ".cache/prepared"
+#: The evaluation before the first step, cached per model, eval split and settings.
+BASE_EVAL_CACHE = ".cache/base-eval.json"
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"

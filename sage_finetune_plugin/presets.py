@@ -35,17 +35,35 @@ class PresetInfo:
     hardware: str
     claimed_memory: str
     description: str
+    #: The longest max_length the preset allows when a new task chooses it from its data
+    #: (quickstart); the preset's own max_length when the data cannot be measured.
+    longest: int
 
 
 class PresetConfigs:
     """Ready-made configs for common hardware. Each returns a new TrainingConfig."""
 
     INFO: typing.ClassVar[dict[str, PresetInfo]] = {
-        "minimal": PresetInfo("minimal", "GPU < 8 GB", "~6 GB", "4-bit QLoRA, short samples"),
-        "rtx_3060": PresetInfo("rtx_3060", "12 GB GPU", "~10 GB", "8-bit LoRA, 1.5B coder"),
-        "rtx_4090": PresetInfo("rtx_4090", "24 GB GPU", "~21 GB", "7B LoRA in 16-bit, 2k context"),
-        "a100": PresetInfo("a100", "40 GB+ GPU", "~26 GB", "7B bf16 LoRA, 4k context"),
-        "cpu": PresetInfo("cpu", "CPU only", "~3 GB RAM", "LoRA on the 135M model, bf16 with AMX"),
+        "minimal": PresetInfo(
+            "minimal", "GPU < 8 GB", "~6 GB", "4-bit QLoRA, short samples", longest=512
+        ),
+        "rtx_3060": PresetInfo(
+            "rtx_3060", "12 GB GPU", "~10 GB", "8-bit LoRA, 1.5B coder", longest=1024
+        ),
+        "rtx_4090": PresetInfo(
+            "rtx_4090", "24 GB GPU", "~21 GB", "7B LoRA in 16-bit, 2k context", longest=2048
+        ),
+        "a100": PresetInfo(
+            "a100", "40 GB+ GPU", "~26 GB", "7B bf16 LoRA, 4k context", longest=4096
+        ),
+        # Packed rows of 4 x 256 tokens: one sample may fill a row of 1024.
+        "cpu": PresetInfo(
+            "cpu",
+            "CPU only",
+            "~3 GB RAM",
+            "LoRA on the 135M model, precision measured",
+            longest=1024,
+        ),
     }
 
     @staticmethod

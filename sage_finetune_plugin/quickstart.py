@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import TrainingConfig, flags
-from .errors import DataError, ModelError, TaskError, UsageProblem
+from .errors import DataError, FinetuneError, ModelError, TaskError, UsageProblem
 from .locks import RunLock
 from .meta import TaskMeta, TaskStatus, save_meta
 from .methods import get_method
@@ -32,6 +32,7 @@ from .paths import (
     PREPARED_CACHE,
     atomic_directory,
     new_task_dir,
+    remove_tree,
 )
 from .presets import PresetConfigs
 from .progress import Status
@@ -40,6 +41,11 @@ if TYPE_CHECKING:
     from .data import CodeDataset, DataStats, LoadedData
 
 DataArgument = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+
+#: A max_length chosen from the data keeps this share of the samples whole, rounded up to a
+#: multiple of ``LENGTH_STEP`` tokens.
+KEEP_WHOLE = 0.99
+LENGTH_STEP = 64
 
 
 @dataclass(frozen=True)
@@ -195,6 +201,15 @@ def quickstart(
         _write_data(building, loaded, config)
         say(f"Rendering {len(loaded)} records for {config.model_name}")
         stats, samples, warnings = _render_once(building, loaded, config, options.preview)
+        if stats is not None and "max_length" not in options.settings:
+            length, why = choose_max_length(config, stats)
+            say(why)
+            if length != config.max_length:  # render again at that length, in its place
+                if stats.cache_key:
+                    remove_tree(building / PREPARED_CACHE / stats.cache_key)
+                config = config.replace(max_length=length)
+                config.save(building / CONFIG_FILE)
+                stats, samples, warnings = _render_once(building, loaded, config, options.preview)
         meta = _write_meta(building, options.task_type, config, loaded, stats, options.data, code)
     return QuickstartResult(
         task_dir=target,
@@ -209,6 +224,45 @@ def quickstart(
         warnings=[*notes, *warnings],
         replaced=replacing,
     )
+
+
+def choose_max_length(config: TrainingConfig, stats: DataStats) -> tuple[int, str]:
+    """The max_length a new task trains with when none was given, and why (one line): the
+    length that keeps ``KEEP_WHOLE`` of its samples whole, rounded up to a multiple of
+    ``LENGTH_STEP``, at most what the preset allows (``PresetInfo.longest``; a config of no
+    preset: its own max_length) and what the memory estimate says fits this machine."""
+    info = PresetConfigs.INFO.get(config.preset or "")
+    longest = info.longest if info is not None else config.max_length
+    allowed = f"the {info.name} preset allows up to {longest}" if info else f"at most {longest}"
+    wanted = stats.whole_p99
+    length = min(-(-wanted // LENGTH_STEP) * LENGTH_STEP, longest)
+    if length > config.max_length and (fitting := _fitting_length(config, length)) < length:
+        length, allowed = fitting, f"{fitting} is the most that fits in this machine's memory"
+    if length >= wanted:
+        return length, (
+            f"max_length {length}, from the data: it keeps {KEEP_WHOLE:.0%} of the samples "
+            f"whole ({allowed}); pass max_length=N for another"
+        )
+    return length, (
+        f"max_length {length}: {KEEP_WHOLE:.0%} of the samples would need {wanted} tokens, "
+        f"but {allowed}"
+    )
+
+
+def _fitting_length(config: TrainingConfig, length: int) -> int:
+    """``length``, or the longest multiple of ``LENGTH_STEP`` down to the config's own
+    max_length whose memory estimate fits this machine (the estimate's model must be found)."""
+    from .training.memory import available_memory, estimate_memory, fits
+
+    try:
+        while length > config.max_length:
+            estimate = estimate_memory(config.replace(max_length=length))
+            if fits(estimate, available_memory(estimate.device)):
+                return length
+            length -= LENGTH_STEP
+    except FinetuneError:
+        return length
+    return max(length, config.max_length)
 
 
 def _check_options(options: QuickstartOptions) -> None:

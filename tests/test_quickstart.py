@@ -377,3 +377,58 @@ def test_a_model_that_cannot_be_found_only_skips_token_statistics(tmp_path: Path
     assert stats["sources"] == [
         {"source": str(data), "format": "qa", "read": 2, "valid": 2, "invalid": 0}
     ]
+
+
+# --- max_length chosen from the data -------------------------------------------------------------
+
+
+def spread(count: int, longest_words: int) -> list[dict[str, str]]:
+    """Alpaca records whose answers grow from 1 to ``longest_words`` words."""
+    return [
+        {
+            "instruction": f"Count to {i}.",
+            "output": " ".join(["step"] * (1 + i * longest_words // count)),
+        }
+        for i in range(count)
+    ]
+
+
+def test_max_length_is_chosen_from_the_data_unless_given(tmp_path, tiny_model_dir) -> None:
+    data = write_jsonl(tmp_path / "spread.jsonl", spread(100, 400))
+    model = ("--model", str(tiny_model_dir), "--preset", "cpu")
+    chosen = invoke("quickstart", "custom", "--data", str(data), *model, "--name", "auto")
+    assert chosen.exit_code == 0, chosen.output
+    meta = load_meta(Path("finetune_output/auto"))
+    length, stats = meta.training["max_length"], meta.data_stats
+    whole = stats["whole_p99"]
+    assert 256 < whole <= length < whole + 64 and length % 64 == 0  # above the preset's 256
+    assert f"max_length {length}, from the data: it keeps 99% of the samples whole" in chosen.output
+    assert "the cpu preset allows up to 1024" in chosen.output
+    assert stats["max_length"] == length and stats["truncated"] <= 1
+    assert "longer than max_length" not in chosen.output
+    saved = TrainingConfig.load(Path("finetune_output/auto/training_config.json"))
+    assert saved.max_length == length
+    cache = list(Path("finetune_output/auto/.cache/prepared").iterdir())
+    assert len(cache) == 1  # only the entry `run` reads
+
+    pinned = invoke(
+        "quickstart", "custom", "--data", str(data), *model, "--max-length", "128", "--name", "pin"
+    )
+    assert pinned.exit_code == 0, pinned.output
+    assert load_meta(Path("finetune_output/pin")).training["max_length"] == 128
+    assert "from the data" not in pinned.output
+    assert "are longer than max_length" in " ".join(pinned.output.split())
+
+
+def test_a_chosen_max_length_stops_at_what_the_preset_allows(tmp_path, tiny_model_dir) -> None:
+    data = write_jsonl(tmp_path / "long.jsonl", spread(50, 3000))
+    result = invoke(
+        "quickstart", "custom", "--data", str(data), "--model", str(tiny_model_dir),
+        "--preset", "cpu",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    meta = load_meta(Path("finetune_output/custom"))
+    assert meta.training["max_length"] == 1024
+    text = " ".join(result.output.split())
+    assert f"99% of the samples would need {meta.data_stats['whole_p99']} tokens" in text
+    assert "but the cpu preset allows up to 1024" in text

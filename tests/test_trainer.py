@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from sage_finetune_plugin.errors import (
     ConfigError,
     LockError,
     OutOfMemoryError,
+    TrainingError,
     TrainingInterrupted,
 )
 from sage_finetune_plugin.locks import RunLock
@@ -313,6 +315,62 @@ def test_out_of_memory_says_what_to_lower(
     assert "gradient_checkpointing" in message and "4-bit" in message
     assert load_meta(tmp_path / "task").status == "failed"
     assert not (tmp_path / "task" / ".lock").exists()
+
+
+def test_a_non_finite_gradient_stops_the_run_and_keeps_the_last_good_state(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A learning rate of 1e30 without clipping overflows the weights after a step or two: a
+    later step's gradient is NaN. The run stops at that step, before the optimizer applies it,
+    and saves the weights of the step before."""
+    task = tmp_path / "task"
+    config = tiny_config(
+        tiny_model_dir,
+        data_path=str(write_data(tmp_path / "d.jsonl")),
+        learning_rate=1e30,
+        max_grad_norm=0.0,
+        max_steps=8,
+        logging_steps=1,
+        save_steps=100,
+    )
+    with pytest.raises(TrainingError) as caught:
+        LoRATrainer(config, task_dir=task).train()
+    message = str(caught.value)
+    found = re.match(
+        r"Training stopped at step (\d+): the gradient norm became nan in float32", message
+    )
+    assert found, message
+    step = int(found.group(1))
+    assert 1 < step < 8 and "\n" not in message
+    assert "a lower learning_rate (now 1e+30)" in message and "max_grad_norm=1.0" in message
+    assert f"checkpoint-{step} holds the weights of step {step - 1}" in message
+    meta = load_meta(task)
+    assert meta.status == "failed" and not (task / "adapter").exists()
+    weights = load_file(task / "checkpoints" / f"checkpoint-{step}" / "adapter_model.safetensors")
+    assert weights and all(bool(torch.isfinite(w).all()) for w in weights.values())
+
+
+def test_the_evaluation_before_training_is_cached_per_model_data_and_settings(
+    make_prepared_task,
+) -> None:
+    task_dir = make_prepared_task(eval_ratio=0.2, max_steps=2, save_steps=100)
+
+    def first_evaluation(**overrides) -> dict:
+        result = train_from_meta(task_dir, force=True, **overrides)
+        return next(h for h in result.metrics["eval_loss_history"] if h["step"] == 0)
+
+    cache = task_dir / ".cache" / "base-eval.json"
+    fresh = first_evaluation()
+    assert cache.is_file()
+    (entry,) = json.loads(cache.read_text()).values()
+    assert entry["eval_loss"] == fresh["loss"]
+    # The same model, split and settings: the cached numbers, not a new evaluation (the
+    # evaluation's own runtime would differ).
+    assert first_evaluation() == fresh
+    log = json.loads((task_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert log["log_history"][0]["eval_runtime"] == entry["eval_runtime"]
+    first_evaluation(max_length=48)  # another rendering of the split: evaluated again
+    assert len(json.loads(cache.read_text())) == 2
 
 
 def test_runtime_policy_on_a_cpu() -> None:

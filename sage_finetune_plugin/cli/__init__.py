@@ -13,6 +13,7 @@ import click
 
 from .._version import __version__
 from .chat import chat_command
+from .doctor import doctor_command
 from .eval import eval_command
 from .export import export_command
 from .merge import merge_command
@@ -39,6 +40,7 @@ def finetune() -> None:
       export code / serve code   a GGUF for llama.cpp and Ollama / an OpenAI-compatible API
       cancel / delete code       stop a run from another terminal / remove a task
       methods                    the training methods (sft, dpo, orpo, kto, plugins)
+      doctor                     the training stack, the device and the precision here
     """
 
 
@@ -54,6 +56,7 @@ for _command in (
     export_command,
     serve_command,
     methods_command,
+    doctor_command,
 ):
     finetune.add_command(_command)
 

@@ -36,8 +36,9 @@ if TYPE_CHECKING:
     from ..methods.base import Method
 
 
-#: Bumped whenever rendering or tokenization changes, so old caches are not reused.
-PIPELINE_VERSION = 3
+#: Bumped whenever rendering, tokenization or the statistics change, so old caches are not
+#: reused.
+PIPELINE_VERSION = 4
 
 #: Below this many rows, datasets' progress bars are hidden (they would only be noise).
 PROGRESS_MIN_ROWS = 10_000
@@ -48,9 +49,8 @@ PARALLEL_MIN_ROWS = 20_000
 MAX_PROCESSES = 2
 
 #: Share of truncated samples from which preparation warns (and names a max_length that keeps
-#: ``WHOLE_SHARE`` of the samples whole).
+#: 95 % of the samples whole).
 TRUNCATION_WARNING_SHARE = 0.10
-WHOLE_SHARE = 0.95
 
 
 def prepare_dataset(
@@ -242,14 +242,15 @@ def _statistics(
         )
     lengths = all_lengths[kept]
     p50, p90, p99 = (int(np.percentile(lengths, q)) for q in (50, 90, 99))
+    valid_lengths = full_lengths[~invalid]
+    whole_p95, whole_p99 = (int(np.percentile(valid_lengths, q, method="higher")) for q in (95, 99))
     warnings = list(loaded.warnings)
-    too_long = int((full_lengths > options.max_length).sum())
-    if too_long / len(full_lengths) >= TRUNCATION_WARNING_SHARE:
-        whole = int(np.percentile(full_lengths, WHOLE_SHARE * 100, method="higher"))
+    too_long = int((valid_lengths > options.max_length).sum())
+    if too_long / len(valid_lengths) >= TRUNCATION_WARNING_SHARE:
         warnings.append(
-            f"{too_long} of {len(full_lengths)} samples ({too_long / len(full_lengths):.0%}) "
+            f"{too_long} of {len(valid_lengths)} samples ({too_long / len(valid_lengths):.0%}) "
             f"are longer than max_length {options.max_length} and lose their end; max_length "
-            f"{whole} would keep {WHOLE_SHARE:.0%} of them whole (max_length={whole})"
+            f"{whole_p95} would keep 95% of them whole (max_length={whole_p95})"
         )
     return DataStats(
         format=loaded.format,
@@ -269,6 +270,8 @@ def _statistics(
         length_p90=p90,
         length_p99=p99,
         length_max=int(lengths.max()),
+        whole_p95=whole_p95,
+        whole_p99=whole_p99,
         sources=list(loaded.sources),
         warnings=warnings,
     )

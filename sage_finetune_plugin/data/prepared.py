@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class DataStats:
-    """What preparation found, for the user (all token figures after truncation).
+    """What preparation found, for the user (token figures after truncation, except the
+    ``whole_p95`` / ``whole_p99`` lengths: the max_length that keeps 95 % / 99 % of the valid
+    samples whole).
 
     ``records_read`` = ``records_kept`` (valid) + invalid records (``dropped``, by reason);
     valid records become samples, except ``truncation_dropped`` ones whose answer lay entirely
@@ -51,6 +53,8 @@ class DataStats:
     length_p90: int = 0
     length_p99: int = 0
     length_max: int = 0
+    whole_p95: int = 0
+    whole_p99: int = 0
     from_cache: bool = False
     cache_key: str | None = None
     sources: list[dict[str, Any]] = field(default_factory=list)

@@ -1,4 +1,5 @@
-"""Trainer callbacks: progress reports, a graceful stop on Ctrl-C or `cancel`, rank logs.
+"""Trainer callbacks: progress reports, a graceful stop on Ctrl-C or `cancel`, a stop on a
+non-finite loss or gradient, rank logs.
 
 ``ProgressCallback`` turns the Trainer's events into ``RunProgress`` events (step, loss,
 learning rate, trained tokens per second) handed to a sink: the task's books record them in
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import threading
 import time
@@ -157,6 +159,76 @@ class StopOnSignal(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """Where a run went non-finite: the optimizer ``step`` (1-based), ``what`` was not finite
+    (``gradient norm``, ``loss``), its ``value``, and whether the weights are still those of
+    the step before (``intact``: the step's update was not applied)."""
+
+    step: int
+    what: str
+    value: float
+    intact: bool
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Stop the run at the first optimizer step whose gradients are not finite (NaN or
+    infinite), before the optimizer applies them: the step's gradients are dropped (an optimizer
+    skips a parameter without a gradient), so the weights stay those of the last good step and
+    a checkpoint of them is saved at the end of the step (none when no step succeeded).
+
+    Under fp16 the gradient scaler skips an overflowing step by itself, so there only a
+    non-finite logged loss stops the run (the weights may be damaged by then: the newest earlier
+    checkpoint is the last good state). ``failure`` tells what happened."""
+
+    def __init__(self) -> None:
+        self.failure: NonFinite | None = None
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        model = kwargs.get("model")
+        if args.fp16 or model is None or self.failure is not None:
+            return
+        norm = _gradient_norm(model)
+        if _on_any_rank(not math.isfinite(norm), args):
+            self.failure = NonFinite(state.global_step + 1, "gradient norm", norm, intact=True)
+            model.zero_grad(set_to_none=True)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self.failure is not None:
+            control.should_training_stop = True
+            control.should_evaluate = False
+            # The weights are those of the step before: worth a checkpoint unless untrained.
+            control.should_save = self.failure.intact and self.failure.step > 1
+        return control
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> Any:
+        if self.failure is not None or not logs:
+            return control
+        loss = logs.get("loss")
+        if isinstance(loss, int | float) and not math.isfinite(loss):
+            self.failure = NonFinite(state.global_step, "loss", float(loss), intact=False)
+            control.should_training_stop = True
+            control.should_save = False
+        return control
+
+
+def _gradient_norm(model: Any) -> float:
+    """The 2-norm of all gradients of ``model`` (0.0 without any), with one device sync."""
+    import torch
+
+    norms = [
+        torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32)
+        for p in model.parameters()
+        if p.grad is not None
+    ]
+    if not norms:
+        return 0.0
+    device = norms[0].device
+    return float(torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms])))
 
 
 class RankLogCallback(TrainerCallback):

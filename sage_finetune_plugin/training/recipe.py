@@ -46,6 +46,7 @@ from ..methods import get_method
 from ..models import quiet_deprecations
 from ..paths import (
     ADAPTER_DIR,
+    BASE_EVAL_CACHE,
     CANCEL_FILE,
     CHECKPOINTS_DIR,
     LOSS_PLOT,
@@ -55,7 +56,14 @@ from ..paths import (
 )
 from ..progress import ProgressSink
 from ..task import Task
-from .callbacks import ProgressCallback, RankLogCallback, StopOnSignal
+from .base_eval import base_evaluation_key, cache_base_evaluation
+from .callbacks import (
+    NonFinite,
+    ProgressCallback,
+    RankLogCallback,
+    StopOnNonFinite,
+    StopOnSignal,
+)
 from .distributed import fsdp_enabled, is_main_process, world_size
 from .metrics import TrainOutcome, TrainResult, run_metrics
 from .runtime import Hardware, Runtime, quantization_config, resolve_runtime
@@ -117,6 +125,7 @@ class LoRATrainer:
         for note in notes:
             self._note(note)
         self._stop = StopOnSignal(cancel_file=self.task_dir / CANCEL_FILE)
+        self._finite = StopOnNonFinite()
         self.trackers = TrackerRuns(config, self.task_dir, self.books)
         self.trackers.check()  # a missing wandb or mlflow, before any model loads
 
@@ -165,6 +174,7 @@ class LoRATrainer:
 
     def _recipe(self, resume: bool | str | os.PathLike[str], started: float) -> TrainOutcome:
         self._stop.requested = False
+        self._finite.failure = None
         self._runtime = None
         for note in self.runtime.notes:
             self._note(note)
@@ -174,12 +184,15 @@ class LoRATrainer:
         self.model = self.attach_lora(self.load_model())
         self.data = self.prepare_data()
         self.trainer = self.build_trainer(self.model, self.data)
+        self._cache_base_evaluation(self.trainer, self.data)
         checkpoint = self._checkpoint_to_resume(resume)
         resumed = _resume_point(checkpoint)  # read now: rotation may delete the checkpoint
         params = run_params(self._config_used(), self.runtime, self.data.stats)
         with self.trackers.running(params, resume=checkpoint is not None):
             with self._stop.installed():
                 output = self.trainer.train(resume_from_checkpoint=checkpoint and str(checkpoint))
+            if self._finite.failure is not None:
+                raise TrainingError(self._non_finite_message(self._finite.failure))
             if self._stop.requested:
                 outcome = self._outcome(started, resumed)
                 message = self.books.interrupted_message(saved=self.trainer.state)
@@ -288,7 +301,8 @@ class LoRATrainer:
         trainer.remove_callback(HFProgressCallback)
         trainer.remove_callback(PrinterCallback)
         reports = ProgressCallback(self.books.progress)
-        for callback in (reports, self._stop, *self.trackers.callbacks(), *self.callbacks):
+        trackers = self.trackers.callbacks()
+        for callback in (reports, self._stop, self._finite, *trackers, *self.callbacks):
             trainer.add_callback(callback)
         if world_size() > 1:
             trainer.add_callback(RankLogCallback())
@@ -327,6 +341,7 @@ class LoRATrainer:
             length_column_name="length",
             logging_steps=config.logging_steps,
             logging_first_step=True,
+            logging_nan_inf_filter=False,  # a non-finite loss stops the run (StopOnNonFinite)
             save_strategy="steps",
             save_steps=config.save_steps,
             save_total_limit=config.save_total_limit,
@@ -401,6 +416,27 @@ class LoRATrainer:
         if not last or last[0]["step"] != state.global_step:
             self.trainer.evaluate()
 
+    def _cache_base_evaluation(self, trainer: Trainer, data: PreparedDataset) -> None:
+        """The evaluation before the first step from the task's cache, keyed by what it depends
+        on: the model (and the adapter a later stage starts from), the eval split as rendered,
+        where and how it runs, the batches and the adapter's settings."""
+        if data.eval is None or not data.stats.cache_key:
+            return
+        config, runtime = self.config, self.runtime
+        key = base_evaluation_key(
+            model=self.model_path or config.model_name,
+            start=Path(config.init_adapter) if config.init_adapter else None,
+            data=data.stats.cache_key,
+            device=runtime.device,
+            dtype=runtime.dtype_name,
+            quantization=runtime.quantization,
+            batch=config.per_device_train_batch_size,
+            packing=data.packing,
+            method=config.method,
+            adapter=config.to_dict()["lora"],
+        )
+        cache_base_evaluation(trainer, self.task_dir / BASE_EVAL_CACHE, key)
+
     def _setup_process(self) -> None:
         import torch
         from transformers import set_seed
@@ -446,6 +482,27 @@ class LoRATrainer:
         if self.target_modules:
             changes["lora"] = {"target_modules": list(self.target_modules)}
         return self.config.replace(**changes)
+
+    def _non_finite_message(self, failure: NonFinite) -> str:
+        """One line: the step, the precision, the last good state and what to try."""
+        config, runtime = self.config, self.runtime
+        if failure.intact and failure.step > 1:
+            kept = f"checkpoint-{failure.step} holds the weights of step {failure.step - 1}"
+        elif failure.intact:
+            kept = "no step succeeded, so there is no checkpoint"
+        else:
+            newest = latest_checkpoint(self.checkpoints_dir)
+            kept = f"{newest.name} is the last good state" if newest else "there is no checkpoint"
+        advice = [f"a lower learning_rate (now {config.learning_rate:g})"]
+        if runtime.fp16:
+            advice.append("bf16 instead of fp16 (bf16=True, fp16=False) where the device has it")
+        if not config.max_grad_norm:
+            advice.append("gradient clipping (max_grad_norm=1.0)")
+        return (
+            f"Training stopped at step {failure.step}: the {failure.what} became "
+            f"{failure.value} in {runtime.dtype_name} ({kept}). Try {', '.join(advice)}; then "
+            "start over (force=True) or continue from the checkpoint (resume=True)."
+        )
 
     def _out_of_memory_message(self) -> str:
         from .memory import estimate_memory
