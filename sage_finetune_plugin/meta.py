@@ -93,6 +93,8 @@ class TaskMeta:
     merged_path: str | None = None
     #: What ``merge`` recorded: dtype, size in bytes, checkpoint, logits check.
     merge: dict[str, Any] = field(default_factory=dict)
+    #: What ``export`` wrote, by file name: type, size, who wrote it, how it read back.
+    exports: dict[str, Any] = field(default_factory=dict)
     #: The training stages that made the adapter, oldest first (``sft``, then ``dpo``, ...):
     #: method, data, status, steps, what it started from, its last metrics.
     stages: list[dict[str, Any]] = field(default_factory=list)
