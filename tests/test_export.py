@@ -21,7 +21,6 @@ from sage_finetune_plugin.chat import ChatModel, ChatSession
 from sage_finetune_plugin.cli import finetune
 from sage_finetune_plugin.errors import ExportError
 from sage_finetune_plugin.export import (
-    QUANTS,
     chatml_layout,
     export_task,
     interleave_rotary_halves,
@@ -41,6 +40,8 @@ SAMPLE_TEXT = (
     "Write the number 7 as a word. The number 7 is written seven. What is the secret word?"
 )
 PROMPTS = (QUESTION, "What is the capital of France?", "Hello! Who are you?")
+#: The types the llama.cpp comparisons of this file run on (test_export_types.py: the others).
+QUANTS = ("f16", "q8_0")
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -290,7 +291,9 @@ def test_unsupported_architecture_is_refused_in_one_line(
 
     assert result.exit_code == 1
     assert result.output.count("\n") == 1, result.output
-    assert "supports Llama and Qwen2 models" in result.output
+    assert "supports Llama (SmolLM2, Llama 3.x), Mistral, Qwen2 / Qwen2.5, Qwen3, Gemma 2" in (
+        result.output
+    )
     assert "'gpt2' model (GPT2LMHeadModel)" in result.output
     assert export_files(trained_task / "export") == []
 

@@ -71,15 +71,27 @@ def _types_text(types: dict[str, int]) -> str:
     return ", ".join(f"{count} {kind}" for kind, count in types.items())
 
 
-def read_back(path: Path, expected: list[tuple[str, tuple[int, ...], str | None]]) -> CheckReport:
+def read_back(
+    path: Path,
+    expected: list[tuple[str, tuple[int, ...], str | None]],
+    *,
+    file_type: str | None = None,
+) -> CheckReport:
     """Read ``path`` with gguf's reader and hold it to ``expected`` (name, shape, type name or
-    None for any). ExportError naming the first difference."""
+    None for any) and, when given, to its ``general.file_type`` (a ``gguf.LlamaFileType``
+    member name). ExportError naming the first difference."""
     import gguf
 
     try:
         reader = gguf.GGUFReader(path)
     except (OSError, ValueError) as exc:
         raise ExportError(f"The written file {path} does not read back: {exc}") from None
+    if file_type is not None:
+        field = reader.get_field("general.file_type")
+        found_type = gguf.LlamaFileType(field.contents()) if field is not None else None
+        if found_type != getattr(gguf.LlamaFileType, file_type):
+            name = found_type.name if found_type is not None else "none"
+            raise ExportError(f"{path} says it holds {name}, {file_type} was asked for.")
     found = {t.name: t for t in reader.tensors}
     if len(reader.tensors) != len(expected):
         raise ExportError(
