@@ -30,6 +30,9 @@ from sage_finetune_plugin.export import (
 from sage_finetune_plugin.export.check import CHECK_TEXT
 from sage_finetune_plugin.export.quants import llama_quantizer
 from sage_finetune_plugin.meta import TaskMeta, load_meta, save_meta
+from sage_finetune_plugin.paths import ADAPTER_DIR
+
+from conftest import train_adapter
 
 COMMON = {
     "hidden_size": 64,
@@ -67,15 +70,17 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "phi3": ("Phi3Config", {"tie_word_embeddings": False}),
     "smollm3": ("SmolLM3Config", {"tie_word_embeddings": True}),
+    # Rows of 256 weights: what the K-quants' super-blocks need (narrower rows fall back).
+    "qwen2-256": ("Qwen2Config", {"hidden_size": 256, "intermediate_size": 512}),
 }
 #: Families transformers' GGUF loader rebuilds (with plain rope): compared on logits.
 READ_BACK = ("llama", "m7", "qwen3", "gemma2", "gemma3", "phi3")
 
 
-def build_family_task(root: Path, name: str, tiny_model_dir: Path) -> Path:
-    """A task whose merged model is a tiny random model of the family ``name``. The
-    embeddings are drawn wider than the default initialization so that the next token is not
-    a near tie among 4096 (random layers otherwise give near-uniform logits)."""
+def family_model(folder: Path, name: str, tiny_model_dir: Path) -> Path:
+    """A tiny random model of the family ``name`` saved in ``folder``, with the tiny chat
+    model's tokenizer. The embeddings are drawn wider than the default initialization so that
+    the next token is not a near tie among 4096 (random layers give near-uniform logits)."""
     class_name, settings = MODELS[name]
     config = getattr(transformers, class_name)(**{**COMMON, **settings})
     torch.manual_seed(0)
@@ -84,10 +89,15 @@ def build_family_task(root: Path, name: str, tiny_model_dir: Path) -> Path:
         model.get_input_embeddings().weight.normal_(0, 0.5)
         if not config.tie_word_embeddings:
             model.get_output_embeddings().weight.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return folder
+
+
+def build_family_task(root: Path, name: str, tiny_model_dir: Path) -> Path:
+    """A task whose merged model is a tiny random model of the family ``name``."""
     task = root / name
-    model.save_pretrained(task / "merged")
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(task / "merged")
-    merged = str(task / "merged")
+    merged = str(family_model(task / "merged", name, tiny_model_dir))
     meta = TaskMeta(
         model=merged, status="merged", merged_path="merged", training={"model_name": merged}
     )
@@ -221,7 +231,7 @@ def test_llama3_rope_factors_give_the_models_logits(family_exports) -> None:
     result = family_exports("llama3")["f16"]
     task = result.path.parent.parent
     assert "rope" in result.check.reason
-    model, tokenizer = transformers_reads(result.path)
+    model, _ = transformers_reads(result.path)
     factors = torch.from_numpy(file_tensors(result.path)["rope_freqs.weight"].copy())
     rotary = model.model.rotary_emb
     plain = rotary.inv_freq.clone()  # the file's rope base, no scaling
@@ -272,6 +282,73 @@ def test_sizes_shrink_with_the_bits(family_exports) -> None:
     assert sizes["f16"] > sizes["q5_0"] > sizes["q4_0"]
 
 
+# --- a LoRA adapter of a Llama-style model ------------------------------------------------------
+
+
+def test_llama_adapter_gguf_applied_as_llama_cpp_does_gives_the_merged_weights(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """llama.cpp computes W + alpha / rank * lora_b @ lora_a on the base GGUF's W. Done here on
+    the files, it gives the merged model's GGUF weights, q/k rows reordered alike."""
+    base = family_model(tmp_path / "llama-base", "llama", tiny_model_dir)
+    task = tmp_path / "root" / "lla"
+    train_adapter(base, task / ADAPTER_DIR, steps=3)
+    meta = TaskMeta(
+        model=str(base),
+        status="trained",
+        adapter_path=ADAPTER_DIR,
+        training={"model_name": str(base)},
+    )
+    save_meta(task, meta)
+
+    adapter = export_task(task, adapter=True)
+    merged = export_task(task, quant="f16")
+    lora, base_weights = file_tensors(adapter.path), file_tensors(adapter.base)
+    merged_weights = file_tensors(merged.path)
+    fields = {n: f.contents() for n, f in gguf.GGUFReader(adapter.path).fields.items()}
+    scale = fields["adapter.lora.alpha"] / 8  # rank 8, alpha 16 (conftest.train_adapter)
+
+    assert fields["general.architecture"] == "llama" and fields["adapter.lora.alpha"] == 16.0
+    targets = sorted(name.removesuffix(".lora_a") for name in lora if name.endswith(".lora_a"))
+    assert len(targets) == 14  # all-linear: 7 matrices in each of 2 layers
+    for name in targets:
+        applied = base_weights[name] + scale * lora[name + ".lora_b"] @ lora[name + ".lora_a"]
+        np.testing.assert_allclose(applied, merged_weights[name], atol=2e-3, err_msg=name)
+    # The reordering matters: without it q would not match.
+    q = "blk.0.attn_q.weight"
+    wrong = (
+        base_weights[q]
+        + scale * interleave_rotary_halves(lora[q + ".lora_b"], 4) @ lora[q + ".lora_a"]
+    )
+    assert not np.allclose(wrong, merged_weights[q], atol=2e-3)
+
+
+# --- the K-quants, through llama.cpp's quantizer -------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["q4_k_m", "q6_k"])
+def test_k_quant_through_llama_cpp(family_root: Path, tiny_model_dir: Path, quant: str) -> None:
+    """Where llama-cpp-python (or llama-quantize) is installed: the K-quant file is llama.cpp's
+    mix, reads back, and picks the model's next token at most positions."""
+    tool = llama_quantizer()
+    if tool is None:
+        pytest.skip("llama.cpp's quantizer is not installed (llama-cpp-python, llama-quantize)")
+    task = build_family_task(family_root, "qwen2-256", tiny_model_dir)
+    result = export_task(task, quant=quant, force=True)
+    types = set(tensor_types(result.path).values())
+    print(f"{quant} ({result.quantizer}): {result.check.line()}")
+
+    assert result.quantizer == tool
+    assert ("Q4_K" if quant == "q4_k_m" else "Q6_K") in types and "F32" in types
+    assert result.check.compared and result.check.agreement >= 0.8, result.check.line()
+    assert result.size_bytes < 0.5 * family_exports_size(task)
+
+
+def family_exports_size(task: Path) -> int:
+    return export_task(task, quant="f16", force=True, check=False).size_bytes
+
+
 # --- refusals ------------------------------------------------------------------------------------
 
 
@@ -279,9 +356,11 @@ def test_unsupported_rope_scaling_is_refused_in_one_line(family_root: Path, tiny
     task = build_family_task(family_root, "qwen3", tiny_model_dir)
     config_file = task / "merged" / "config.json"
     config_file.write_text(
-        config_file.read_text().replace('"rope_type": "default"', '"rope_type": "yarn", "factor": 4.0')
+        config_file.read_text().replace(
+            '"rope_type": "default"', '"rope_type": "yarn", "factor": 4.0'
+        )
     )
-    with pytest.raises(ExportError, match="rope scaling 'yarn'.*for Qwen3"):
+    with pytest.raises(ExportError, match=r"rope scaling 'yarn'.*for Qwen3"):
         export_task(task, quant="q8_0", force=True)
 
 

@@ -15,7 +15,7 @@ from ..export.quants import (
     available_quants,
     llama_quantizer,
 )
-from ._common import ProgressBar, command, human_size, root_option, task_argument
+from ._common import ProgressBar, cli_words, command, human_size, root_option, task_argument
 
 
 def _complete_quants(ctx: Any, param: Any, incomplete: str) -> list[str]:
@@ -121,7 +121,7 @@ def export_command(
     )
     if result.base:
         click.echo(f"Base model GGUF: {result.base}")
-    click.echo(result.check.line())
+    click.echo(cli_words(result.check.line()))
     click.echo(f"Ollama Modelfile: {result.modelfile}")
     click.echo("Run it with:")
     for line in result.commands:
