@@ -12,34 +12,39 @@ quantizers and merges reader. Importing this package imports nothing heavy.
 
 from __future__ import annotations
 
-from .check import CheckReport
-from .families import ARCHITECTURES, FAMILIES, check_architecture, supported_families
-from .modelfile import CHATML_TEMPLATE, chatml_layout, modelfile_text
-from .quants import GGUF_QUANTS, K_QUANTS, QUANTS, available_quants
-from .service import FORMATS, ExportResult, export_task
-from .source import LLAMA3_SPLIT, QWEN2_SPLIT, pre_tokenizer_name, vocabulary
-from .writer import TensorProgress, interleave_rotary_halves
+import importlib
+from typing import Any
 
-__all__ = [
-    "ARCHITECTURES",
-    "CHATML_TEMPLATE",
-    "FAMILIES",
-    "FORMATS",
-    "GGUF_QUANTS",
-    "K_QUANTS",
-    "LLAMA3_SPLIT",
-    "QUANTS",
-    "QWEN2_SPLIT",
-    "CheckReport",
-    "ExportResult",
-    "TensorProgress",
-    "available_quants",
-    "chatml_layout",
-    "check_architecture",
-    "export_task",
-    "interleave_rotary_halves",
-    "modelfile_text",
-    "pre_tokenizer_name",
-    "supported_families",
-    "vocabulary",
-]
+#: Public name -> the module that defines it (loaded on first use, so that the command line
+#: can read the quantization table without loading the rest).
+_NAMES = {
+    "CheckReport": "check",
+    "ARCHITECTURES": "families",
+    "FAMILIES": "families",
+    "check_architecture": "families",
+    "supported_families": "families",
+    "CHATML_TEMPLATE": "modelfile",
+    "chatml_layout": "modelfile",
+    "modelfile_text": "modelfile",
+    "GGUF_QUANTS": "quants",
+    "K_QUANTS": "quants",
+    "QUANTS": "quants",
+    "available_quants": "quants",
+    "FORMATS": "service",
+    "ExportResult": "service",
+    "export_task": "service",
+    "LLAMA3_SPLIT": "source",
+    "QWEN2_SPLIT": "source",
+    "pre_tokenizer_name": "source",
+    "vocabulary": "source",
+    "TensorProgress": "writer",
+    "interleave_rotary_halves": "writer",
+}
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    module = _NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
