@@ -7,6 +7,7 @@ in, as llama.cpp's quantizer chooses them."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -77,12 +78,20 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
 READ_BACK = ("llama", "m7", "qwen3", "gemma2", "gemma3", "phi3")
 
 
-def family_model(folder: Path, name: str, tiny_model_dir: Path) -> Path:
+def family_model(folder: Path, name: str, tiny_model_dir: Path, tokenizer: Any = None) -> Path:
     """A tiny random model of the family ``name`` saved in ``folder``, with the tiny chat
-    model's tokenizer. The embeddings are drawn wider than the default initialization so that
-    the next token is not a near tie among 4096 (random layers give near-uniform logits)."""
+    model's tokenizer (or ``tokenizer``). The embeddings are drawn wider than the default
+    initialization so that the next token is not a near tie among 4096 (random layers give
+    near-uniform logits)."""
     class_name, settings = MODELS[name]
-    config = getattr(transformers, class_name)(**{**COMMON, **settings})
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(tiny_model_dir)
+    special = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    config = getattr(transformers, class_name)(**{**COMMON, **special, **settings})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
@@ -90,8 +99,43 @@ def family_model(folder: Path, name: str, tiny_model_dir: Path) -> Path:
         if not config.tie_word_embeddings:
             model.get_output_embeddings().weight.normal_(0, 0.5)
     model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
+
+
+def sentencepiece_tokenizer(gemma: bool) -> Any:
+    """A SentencePiece-style BPE (byte fallback, pieces with ``▁``) trained here on this
+    package's source: Llama / Mistral / Phi-3's layout (a ``▁`` before the text), or Gemma's."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"] if gemma else ["<unk>", "<s>", "</s>"]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    steps = [normalizers.Replace(" ", "\u2581")]
+    tokenizer.normalizer = normalizers.Sequence(
+        steps if gemma else [normalizers.Prepend("\u2581"), *steps]
+    )
+    pieces = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tokenizer.decoder = decoders.Sequence(pieces if gemma else [*pieces, decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(
+        vocab_size=700,
+        special_tokens=specials + [f"<0x{i:02X}>" for i in range(256)],
+        show_progress=False,
+    )
+    package = Path(__file__).resolve().parent.parent / "sage_finetune_plugin"
+    tokenizer.train_from_iterator(sorted(p.read_text() for p in package.rglob("*.py")), trainer)
+    names = ("<bos>", "<eos>", "<pad>") if gemma else ("<s>", "</s>", "<unk>")
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=names[0],
+        eos_token=names[1],
+        pad_token=names[2],
+        unk_token="<unk>",
+    )
+    wrapped.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}"
+    )
+    return wrapped
 
 
 def build_family_task(root: Path, name: str, tiny_model_dir: Path) -> Path:
@@ -180,6 +224,46 @@ def test_low_bit_files_pick_the_same_next_token_mostly(
 
     assert check.compared and check.tokens > 90
     assert check.agreement >= 0.8, check.line()  # measured 0.83 to 1.0 (docs/export.md)
+
+
+@pytest.mark.parametrize("name", ["m7", "phi3", "gemma2"])
+def test_sentencepiece_vocabulary_round_trips(tmp_path: Path, tiny_model_dir, name: str) -> None:
+    """The released Mistral 7B, Phi-3 and Gemma models have SentencePiece vocabularies: stored
+    with a score per piece (minus its merge rank), byte pieces typed as bytes, and the leading
+    space as the tokenizer adds it; transformers rebuilds the same tokenizer from the file."""
+    gemma = name == "gemma2"
+    task = tmp_path / name
+    merged = family_model(task / "merged", name, tiny_model_dir, sentencepiece_tokenizer(gemma))
+    save_meta(
+        task,
+        TaskMeta(
+            model=str(merged),
+            status="merged",
+            merged_path="merged",
+            training={"model_name": str(merged)},
+        ),
+    )
+    result = export_task(task)
+    fields = {n: f.contents() for n, f in gguf.GGUFReader(result.path).fields.items()}
+    model, tokenizer = transformers_reads(result.path)
+    expected_model, expected_tokenizer = reference(task)
+    ids = expected_tokenizer(CHECK_TEXT)["input_ids"]
+
+    assert fields["tokenizer.ggml.model"] == "llama"
+    assert fields["tokenizer.ggml.add_space_prefix"] is (not gemma)
+    byte = expected_tokenizer.convert_tokens_to_ids("<0x41>")
+    assert fields["tokenizer.ggml.token_type"][byte] == gguf.TokenType.BYTE
+    scores = fields["tokenizer.ggml.scores"]
+    first_merge = "".join(json.loads((merged / "tokenizer.json").read_text())["model"]["merges"][1])
+    assert scores[expected_tokenizer.convert_tokens_to_ids(first_merge)] == -1.0
+    assert tokenizer(CHECK_TEXT)["input_ids"] == ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == expected_tokenizer.decode(
+        ids, skip_special_tokens=True
+    )
+    # f16 rounding: a near tie may flip (159 of 160 for Mistral here).
+    assert result.check.compared and result.check.agreement >= 0.98, result.check.line()
+    got, expected = logits(model, ids), logits(expected_model, ids)
+    assert float((got - expected).abs().max()) <= 2e-3 * float(expected.abs().max())
 
 
 # --- families held to their tensors -------------------------------------------------------------

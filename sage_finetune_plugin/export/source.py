@@ -1,6 +1,14 @@
-"""The model folder an export reads: its config (a supported family), its byte-level BPE
-tokenizer, and the tokenizer metadata llama.cpp needs (vocabulary with token types, merges,
-special tokens, chat template, end of turn)."""
+"""The model folder an export reads: its config (a supported family), its tokenizer, and the
+tokenizer metadata llama.cpp needs (vocabulary with token types, merges or scores, special
+tokens, chat template, end of turn).
+
+Two kinds of tokenizer, as llama.cpp names them: ``gpt2`` (byte-level BPE: Llama 3, SmolLM,
+Qwen) with its merges and pre-tokenizer; ``llama`` (SentencePiece-style BPE with byte fallback:
+Gemma, Phi-3, Mistral 7B, Llama 2) with a score per token. llama.cpp's SentencePiece tokenizer
+merges the adjacent pair whose joined piece scores highest; each piece's score here is minus
+the rank of the merge that makes it in ``tokenizer.json``, so it merges in the order the Hugging
+Face tokenizer does (llama.cpp's converter reads the same ranks from ``tokenizer.model``).
+"""
 
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ LLAMA3_SPLIT = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 # llama.cpp token types
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 @dataclass
@@ -36,6 +44,8 @@ class Source:
     family: Family
     tokenizer: Any
     tokenizer_json: dict[str, Any]
+    #: llama.cpp's tokenizer model: ``gpt2`` (byte-level BPE) or ``llama`` (SentencePiece).
+    vocab_kind: str = "gpt2"
 
     @classmethod
     def read(cls, folder: Path) -> Source:
@@ -54,13 +64,13 @@ class Source:
                 f"{folder} has no tokenizer.json: GGUF export needs the model's fast tokenizer."
             )
         tokenizer_json = json.loads(tokenizer_file.read_text(encoding="utf-8"))
-        _check_byte_level_bpe(tokenizer_json, folder)
+        vocab_kind = tokenizer_kind(tokenizer_json, folder)
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError) as exc:
             raise ExportError(f"Cannot load the tokenizer in {folder}: {first_line(exc)}") from None
         ensure_chat_template(tokenizer)
-        return cls(folder, config, family, tokenizer, tokenizer_json)
+        return cls(folder, config, family, tokenizer, tokenizer_json, vocab_kind)
 
     @property
     def model_type(self) -> str:
@@ -79,20 +89,30 @@ class Source:
         return bool(getattr(self.config, "tie_word_embeddings", False))
 
 
-def _check_byte_level_bpe(tokenizer_json: dict[str, Any], folder: Path) -> None:
+def tokenizer_kind(tokenizer_json: dict[str, Any], folder: Path) -> str:
+    """``gpt2`` for a byte-level BPE whose pre-tokenizer llama.cpp knows, ``llama`` for a
+    SentencePiece-style BPE (byte fallback, pieces joined by a decoder sequence); ExportError
+    in one line for anything else."""
     model = tokenizer_json.get("model") or {}
     decoder = tokenizer_json.get("decoder") or {}
+    if (
+        model.get("type") == "BPE"
+        and model.get("byte_fallback")
+        and decoder.get("type") == "Sequence"
+    ):
+        return "llama"
     if (
         model.get("type") != "BPE"
         or model.get("byte_fallback")
         or decoder.get("type") != "ByteLevel"
     ):
         raise ExportError(
-            f"The tokenizer in {folder} is not a byte-level BPE (model {model.get('type')!r}, "
-            f"decoder {decoder.get('type')!r}); GGUF export supports the GPT-2 style BPE of "
-            "Llama 3, SmolLM, Qwen2 / Qwen3 models, not SentencePiece vocabularies."
+            f"The tokenizer in {folder} is neither a byte-level BPE nor a SentencePiece BPE "
+            f"(model {model.get('type')!r}, decoder {decoder.get('type')!r}): GGUF export "
+            "does not know how llama.cpp would tokenize with it."
         )
     pre_tokenizer_name(tokenizer_json, folder)
+    return "gpt2"
 
 
 def pre_tokenizer_name(tokenizer_json: dict[str, Any], folder: Path | str = "the model") -> str:
@@ -121,12 +141,23 @@ def add_tokenizer(writer: Any, source: Source) -> None:
     import gguf
 
     tokenizer = source.tokenizer
-    tokens, types = vocabulary(tokenizer, source.config.vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer_name(source.tokenizer_json, source.folder))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(gguf.SpecialVocab(source.folder, load_merges=True).merges)
+    if source.vocab_kind == "llama":
+        tokens, scores, types = sentencepiece_vocabulary(
+            tokenizer, source.tokenizer_json, source.config.vocab_size
+        )
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_add_space_prefix(adds_space_prefix(source.tokenizer_json))
+    else:
+        tokens, types = vocabulary(tokenizer, source.config.vocab_size)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre_tokenizer_name(source.tokenizer_json, source.folder))
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(gguf.SpecialVocab(source.folder, load_merges=True).merges)
     for kind in ("bos", "eos", "unk", "pad"):
         token_id = getattr(tokenizer, f"{kind}_token_id", None)
         if token_id is not None:
@@ -174,3 +205,40 @@ def vocabulary(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
             tokens.append(token)
             types.append(NORMAL)
     return tokens, types
+
+
+def sentencepiece_vocabulary(
+    tokenizer: Any, tokenizer_json: dict[str, Any], vocab_size: int
+) -> tuple[list[str], list[float], list[int]]:
+    """Pieces, scores and types of a SentencePiece-style vocabulary as llama.cpp stores it:
+    a piece made by merge number r scores -r (single characters and bytes 0); types byte
+    (``<0x41>``), unknown, control (special), user-defined (other added), unused (padding)."""
+    tokens, types = vocabulary(tokenizer, vocab_size)
+    merges = tokenizer_json["model"].get("merges") or []
+    rank: dict[str, int] = {}
+    for index, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, index)
+    scores = [-float(rank[token]) if token in rank else 0.0 for token in tokens]
+    unk = tokenizer.unk_token_id
+    for index, token in enumerate(tokens):
+        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            types[index] = BYTE
+        elif index == unk:
+            types[index] = UNKNOWN
+    return tokens, scores, types
+
+
+def adds_space_prefix(tokenizer_json: dict[str, Any]) -> bool:
+    """Whether the tokenizer puts a ``▁`` before the text (Llama, Mistral, Phi-3; not Gemma):
+    a ``Prepend`` normalizer or a ``Metaspace`` pre-tokenizer that prepends."""
+    normalizer = tokenizer_json.get("normalizer") or {}
+    steps = normalizer.get("normalizers", [normalizer])
+    if any(step.get("type") == "Prepend" for step in steps):
+        return True
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    pre_steps = pre.get("pretokenizers", [pre])
+    return any(
+        step.get("type") == "Metaspace" and step.get("prepend_scheme", "always") != "never"
+        for step in pre_steps
+    )
