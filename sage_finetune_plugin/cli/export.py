@@ -34,7 +34,7 @@ def _quant_help() -> str:
     )
     return (
         f"Weight type: {', '.join(GGUF_QUANTS)} (always); the K-quants {k_quants} {where}. "
-        "q8_0 is about half the size of f16, q4_0 and q4_k_m about 30%."
+        "q8_0 is about half the size of f16, q4_0 and q4_k_m about a third."
     )
 
 
