@@ -462,6 +462,12 @@ def test_k_quant_without_llama_cpp_says_what_to_install(trained_task: Path) -> N
         finetune, ["export", "demo", "--root", str(trained_task.parent), "--quant", "q4_k_m"]
     )
     assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    # --quant's completion offers what can be written here, its help says what is missing.
+    from sage_finetune_plugin.cli.export import _complete_quants
+
+    assert _complete_quants(None, None, "q4") == ["q4_1", "q4_0"]
+    help_text = CliRunner().invoke(finetune, ["export", "--help"]).output
+    assert "llama.cpp's quantizer, not found here" in " ".join(help_text.split())
 
 
 def test_unknown_quant_is_a_usage_problem(trained_task: Path) -> None:

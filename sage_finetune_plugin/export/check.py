@@ -14,7 +14,6 @@ from typing import Any
 
 from ..errors import ExportError
 from .families import Family, rope
-from .quants import Quant
 
 #: Prose and code, the text the two models are compared on.
 CHECK_TEXT = (
@@ -113,7 +112,7 @@ def read_back(
     return CheckReport(tensors=len(expected), types=dict(sorted(types.items())))
 
 
-def why_not_compared(family: Family, config: Any, quant: Quant, parameters: int) -> str:
+def why_not_compared(family: Family, config: Any, parameters: int) -> str:
     """Why the logits cannot be compared here ('' when they can)."""
     if not family.transformers_reads:
         return f"transformers does not read {family.arch.lower()} GGUF files"

@@ -178,7 +178,7 @@ def write_checked(
         checked = read_back(tmp, expected, file_type=quant.file_type)
         parameters = sum(math.prod(t.shape) for t in tensors)
         reason = (
-            why_not_compared(source.family, source.config, quant, parameters)
+            why_not_compared(source.family, source.config, parameters)
             if check
             else "skipped (check=False)"
         )
