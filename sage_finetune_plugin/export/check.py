@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,6 @@ class CheckReport:
     max_logit_diff: float = 0.0
     logit_scale: float = 0.0
     agreement: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_meta(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"tensors": self.tensors, "types": self.types}
@@ -86,8 +85,8 @@ def read_back(
     except (OSError, ValueError) as exc:
         raise ExportError(f"The written file {path} does not read back: {exc}") from None
     if file_type is not None:
-        field = reader.get_field("general.file_type")
-        found_type = gguf.LlamaFileType(field.contents()) if field is not None else None
+        stated = reader.get_field("general.file_type")
+        found_type = gguf.LlamaFileType(stated.contents()) if stated is not None else None
         if found_type != getattr(gguf.LlamaFileType, file_type):
             name = found_type.name if found_type is not None else "none"
             raise ExportError(f"{path} says it holds {name}, {file_type} was asked for.")
