@@ -97,6 +97,8 @@ class TaskMeta:
     #: experiment_id, tracking_uri; ``wandb``: run_id, project, entity, path, dir, mode), so that
     #: ``run --resume`` and ``eval`` log into the same runs.
     tracking: dict[str, Any] = field(default_factory=dict)
+    #: What ``export`` wrote, by file name: type, size, who wrote it, how it read back.
+    exports: dict[str, Any] = field(default_factory=dict)
     #: The training stages that made the adapter, oldest first (``sft``, then ``dpo``, ...):
     #: method, data, status, steps, what it started from, its last metrics.
     stages: list[dict[str, Any]] = field(default_factory=list)

@@ -115,6 +115,8 @@ TOP_LEVEL = [
     *sorted(name for name, path in MODULES.items() if path.parent == PACKAGE),
     "sage_finetune_plugin.cli",
     "sage_finetune_plugin.training.runtime",
+    # The export package: the command line reads its quantization table.
+    *sorted(name for name in MODULES if name.startswith("sage_finetune_plugin.export")),
 ]
 
 

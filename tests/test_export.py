@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -21,7 +22,6 @@ from sage_finetune_plugin.chat import ChatModel, ChatSession
 from sage_finetune_plugin.cli import finetune
 from sage_finetune_plugin.errors import ExportError
 from sage_finetune_plugin.export import (
-    QUANTS,
     chatml_layout,
     export_task,
     interleave_rotary_halves,
@@ -41,6 +41,8 @@ SAMPLE_TEXT = (
     "Write the number 7 as a word. The number 7 is written seven. What is the secret word?"
 )
 PROMPTS = (QUESTION, "What is the capital of France?", "Hello! Who are you?")
+#: The types the llama.cpp comparisons of this file run on (test_export_types.py: the others).
+QUANTS = ("f16", "q8_0")
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -271,6 +273,94 @@ def test_interrupted_export_leaves_nothing_and_keeps_the_old_file(trained_task: 
     assert kept.path.read_bytes() == before
 
 
+def test_adapter_gguf_holds_the_lora_matrices_as_llama_cpp_converts_them(
+    trained_task: Path,
+) -> None:
+    from safetensors.torch import load_file
+
+    messages: list[str] = []
+    result = export_task(trained_task, adapter=True, status=messages.append)
+    out = trained_task / "export"
+    reader = gguf.GGUFReader(result.path)
+    field = {name: value.contents() for name, value in reader.fields.items()}
+    peft = load_file(trained_task / "adapter" / "adapter_model.safetensors")
+    stored = {t.name: t for t in reader.tensors}
+
+    assert result.path == (out / "demo-lora.gguf").resolve()
+    assert field["general.type"] == "adapter" and field["adapter.type"] == "lora"
+    assert field["adapter.lora.alpha"] == 16.0  # lora_alpha; llama.cpp divides by the rank
+    assert field["general.architecture"] == "qwen2"
+    assert len(stored) == len(peft) == 28  # A and B of 7 matrices in each of 2 layers
+    prefix = "base_model.model.model.layers.1.mlp.down_proj"
+    a, b = stored["blk.1.ffn_down.weight.lora_a"], stored["blk.1.ffn_down.weight.lora_b"]
+    assert a.tensor_type.name == b.tensor_type.name == "F32"
+    assert np.array_equal(a.data, peft[f"{prefix}.lora_A.weight"].numpy())  # rank x input
+    assert np.array_equal(b.data, peft[f"{prefix}.lora_B.weight"].numpy())  # output x rank
+    # The base model's GGUF is written beside it, and both go into the Modelfile.
+    assert result.base == (out / "tiny-chat-model-f16.gguf").resolve() and result.base.is_file()
+    text = result.modelfile.read_text()
+    assert "FROM ./tiny-chat-model-f16.gguf\nADAPTER ./demo-lora.gguf\n" in text
+    assert result.commands[1] == f"llama-cli -m {result.base} --lora {result.path}"
+    recorded = load_meta(trained_task).exports["demo-lora.gguf"]
+    assert recorded["kind"] == "lora-adapter" and recorded["alpha"] == 16.0
+    assert recorded["check"]["tensors"] == 28
+    assert not (trained_task / "merged").exists()  # an adapter export merges nothing
+
+    # Another adapter export reuses the base file that is there.
+    result.path.unlink()
+    result.modelfile.unlink()
+    messages.clear()
+    before = result.base.stat().st_mtime_ns
+    export_task(trained_task, adapter=True, status=messages.append)
+    assert any("is there already: kept" in line for line in messages)
+    assert result.base.stat().st_mtime_ns == before
+
+
+def test_adapter_export_on_the_command_line(trained_task: Path) -> None:
+    args = ["export", "demo", "--root", str(trained_task.parent), "--adapter", "--quant", "q8_0"]
+    result = CliRunner().invoke(finetune, args)
+
+    assert result.exit_code == 0, result.output
+    out = trained_task / "export"
+    assert "Exported qwen2 LoRA adapter (q8_0, 28 tensors" in result.stdout
+    assert f"Base model GGUF: {out / 'tiny-chat-model-q8_0.gguf'}" in result.stdout
+    assert "Checked: 28 tensors read back (28 F32); logits not compared" in result.stdout
+    assert f"--lora {out / 'demo-lora.gguf'}" in result.stdout
+
+
+def test_adapter_export_refuses_what_llama_cpp_cannot_load(trained_task: Path) -> None:
+    config_file = trained_task / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["use_dora"] = True
+    config_file.write_text(json.dumps(config))
+
+    with pytest.raises(ExportError, match=r"uses use_dora, which a llama\.cpp LoRA file"):
+        export_task(trained_task, adapter=True)
+    assert export_files(trained_task / "export") == []
+
+
+def test_check_line_and_meta_record_the_comparison(trained_task: Path) -> None:
+    result = CliRunner().invoke(
+        finetune, ["export", "demo", "--root", str(trained_task.parent), "--quant", "q4_0"]
+    )
+
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.stdout.splitlines() if x.startswith("Checked: "))
+    assert "26 tensors read back (11 F32, 14 Q4_0, 1 Q8_0)" in line
+    assert "against the merged model on 103 tokens: same next token at" in line
+    check = load_meta(trained_task).exports["demo-q4_0.gguf"]["check"]
+    assert check["tokens"] == 103 and 0.8 <= check["greedy_agreement"] <= 1.0
+    # --no-check still reads the file back, and says the comparison was skipped.
+    result = CliRunner().invoke(
+        finetune,
+        ["export", "demo", "--root", str(trained_task.parent), "--quant", "q4_0", "--no-check"],
+    )
+    assert result.exit_code == 1 and "--force" in result.output  # the file is there
+    args = ["export", "demo", "--root", str(trained_task.parent), "--no-check", "--force"]
+    result = CliRunner().invoke(finetune, args)
+    assert "logits not compared: skipped (--no-check)" in result.stdout, result.output
+
+
 def gpt2_copy(model_dir: Path, folder: Path) -> Path:
     """The tiny model's files under a config that says GPT-2."""
     shutil.copytree(model_dir, folder)
@@ -290,7 +380,9 @@ def test_unsupported_architecture_is_refused_in_one_line(
 
     assert result.exit_code == 1
     assert result.output.count("\n") == 1, result.output
-    assert "supports Llama and Qwen2 models" in result.output
+    assert "supports Llama (SmolLM2, Llama 3.x), Mistral, Qwen2 / Qwen2.5, Qwen3, Gemma 2" in (
+        result.output
+    )
     assert "'gpt2' model (GPT2LMHeadModel)" in result.output
     assert export_files(trained_task / "export") == []
 
@@ -409,8 +501,10 @@ LLAMA_PYTHON = os.environ.get("SAGE_LLAMA_PYTHON", sys.executable)
 LLAMA_SCRIPT = """
 import json, sys
 from llama_cpp import Llama
-path, text, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-llm = Llama(model_path=path, n_ctx=512, logits_all=True, verbose=False, seed=0)
+path, text, prompts, lora = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+llm = Llama(
+    model_path=path, lora_path=lora or None, n_ctx=512, logits_all=True, verbose=False, seed=0
+)
 ids = llm.tokenize(text.encode(), add_bos=False, special=True)
 llm.eval(ids)
 greedy = [int(row.argmax()) for row in llm.scores[: len(ids)]]
@@ -435,14 +529,19 @@ def llama_cpp() -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("quant", [*QUANTS, "lora"])
 def test_llama_cpp_runs_the_smollm2_export(
     llama_cpp: str, smollm2_exported: Path, quant: str
 ) -> None:
+    """The f16 and q8_0 files, and the base model's f16 file with the adapter GGUF applied
+    by llama.cpp (``--lora``), against the merged model."""
     task = smollm2_exported
-    path = task / "export" / f"smol-{quant}.gguf"
+    path, lora = task / "export" / f"smol-{quant}.gguf", ""
+    if quant == "lora":  # the adapter alone, beside the base model's f16 file
+        result = export_task(task, adapter=True, check=False, force=True)
+        path, lora = result.base, str(result.path)
     proc = subprocess.run(
-        [llama_cpp, "-c", LLAMA_SCRIPT, str(path), SAMPLE_TEXT, json.dumps(PROMPTS)],
+        [llama_cpp, "-c", LLAMA_SCRIPT, str(path), SAMPLE_TEXT, json.dumps(PROMPTS), lora],
         capture_output=True,
         text=True,
         timeout=600,
@@ -461,4 +560,4 @@ def test_llama_cpp_runs_the_smollm2_export(
     assert agreement >= 0.9
     assert all(choice["finish_reason"] == "stop" for choice in got["answers"])  # it stops
     same = [a == b for a, b in zip(answers, chat_answers(task), strict=True)]
-    assert all(same) if quant == "f16" else same[0], answers
+    assert all(same) if quant in ("f16", "lora") else same[0], answers

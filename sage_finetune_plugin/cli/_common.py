@@ -65,6 +65,7 @@ _PHRASES = {
     "tuned=False": "--base-only",
     "base=False": "--no-base",
     "base=True": "--base",
+    "check=False": "--no-check",
 }
 #: A mapping written as the API takes it: ``columns={'output': 'response'}``.
 _MAPPING = re.compile(r"\b(columns|placeholders)=\{([^{}]*)\}")
