@@ -175,6 +175,32 @@ def _timed(step: Any, bf16: bool) -> float:
     return time.perf_counter() - begin
 
 
+def cpu_bf16_isa() -> str | None:
+    """The CPU's bf16 instructions as torch sees them (AMX also needs the OS's permission,
+    which torch asks for), or, on arm64 Linux, the ``bf16`` feature of /proc/cpuinfo."""
+    import torch
+
+    for probe, name in (
+        ("_is_amx_tile_supported", "AMX"),
+        ("_is_avx512_bf16_supported", "AVX512-BF16"),
+    ):
+        check = getattr(getattr(torch, "cpu", None), probe, None)
+        try:
+            if check is not None and check():
+                return name
+        except (RuntimeError, AttributeError):
+            continue
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as lines:
+                for line in lines:
+                    if line.lower().startswith("features") and "bf16" in line.split(":")[1].split():
+                        return "Arm BF16"
+        except OSError:
+            pass
+    return None
+
+
 def cpu_name() -> str:
     """The CPU's model name (from /proc/cpuinfo on Linux)."""
     with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as lines:
@@ -189,13 +215,11 @@ def machine_facts() -> dict[str, Any]:
     and oneDNN versions."""
     import torch
 
-    from .runtime import _cpu_bf16_isa
-
     onednn = re.search(r"MKL-DNN v([\w.]+)", torch.__config__.show())
     return {
         "cpu": cpu_name(),
         "capability": torch.backends.cpu.get_cpu_capability(),
-        "bf16_isa": _cpu_bf16_isa(),
+        "bf16_isa": cpu_bf16_isa(),
         "torch": torch.__version__,
         "onednn": onednn.group(1) if onednn else None,
     }

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import platform
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -98,7 +97,9 @@ class Hardware:
 
         cuda = torch.cuda.is_available()
         mps = getattr(torch.backends, "mps", None)
-        isa = _cpu_bf16_isa()
+        from .precision import cpu_bf16_isa
+
+        isa = cpu_bf16_isa()
         return Hardware(
             cuda=cuda,
             cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
@@ -117,32 +118,6 @@ class Hardware:
         if device == "mps":
             return Hardware(mps=True)
         return Hardware()
-
-
-def _cpu_bf16_isa() -> str | None:
-    """The CPU's bf16 instructions as torch sees them (AMX also needs the OS's permission,
-    which torch asks for), or, on arm64 Linux, the ``bf16`` feature of /proc/cpuinfo."""
-    import torch
-
-    for probe, name in (
-        ("_is_amx_tile_supported", "AMX"),
-        ("_is_avx512_bf16_supported", "AVX512-BF16"),
-    ):
-        check = getattr(getattr(torch, "cpu", None), probe, None)
-        try:
-            if check is not None and check():
-                return name
-        except (RuntimeError, AttributeError):
-            continue
-    if platform.machine().lower() in ("aarch64", "arm64"):
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as lines:
-                for line in lines:
-                    if line.lower().startswith("features") and "bf16" in line.split(":")[1].split():
-                        return "Arm BF16"
-        except OSError:
-            pass
-    return None
 
 
 @dataclass
