@@ -108,6 +108,11 @@ class Adapter:
         parameter of the model as (name, size)."""
         raise NotImplementedError
 
+    def saved_bytes(self, layers: Sequence[Linear], config: TrainingConfig, *, element: int) -> int:
+        """Bytes the adapted layers save for the backward pass whatever the tokens (all
+        layers; one at a time under gradient checkpointing is the estimate's business)."""
+        return 0
+
     def backward_layers(self, layers: int, config: TrainingConfig) -> int:
         """Decoder layers (of ``layers``) whose activations the backward pass needs."""
         return layers

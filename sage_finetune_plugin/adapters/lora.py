@@ -74,6 +74,13 @@ class LoRA(Adapter):
                     "load_in_4bit=True (QLoRA); use pissa for an unquantized model."
                 )
             )
+        elif lora.init_lora_weights == "loftq" and not _cuda():
+            found.append(
+                ConfigError(
+                    "lora.init_lora_weights=loftq runs on CUDA only in peft (it quantizes on "
+                    "the GPU): use init_lora_weights=default, or pissa without quantization."
+                )
+            )
         if _converted(lora.init_lora_weights) and config.quantization is not None:
             found.append(
                 ConfigError(
@@ -264,6 +271,13 @@ class LoRA(Adapter):
         inputs = {(layer.parent, layer.in_features) for layer in layers}
         return total + sum(size for _, size in inputs) * element
 
+    def saved_bytes(self, layers: Sequence[Linear], config: TrainingConfig, *, element: int) -> int:
+        """DoRA composes each adapted layer's weight (base + low-rank) for the weight norm and
+        keeps it for the backward pass."""
+        if not config.lora.use_dora:
+            return 0
+        return sum(layer.in_features * layer.out_features * element for layer in layers)
+
     # --- after training -----------------------------------------------------------------------
 
     def apply(self, model: Any, path: Path) -> Any:
@@ -301,13 +315,30 @@ def _loftq(model: Any, config: TrainingConfig) -> None:
     weights from the model's safetensors files); refused in one line where peft cannot."""
     from peft import replace_lora_weights_loftq
 
+    folder = Path(getattr(model.get_base_model(), "name_or_path", "") or ".")
+    weights = next(
+        (folder / name for name in ("model.safetensors", "model.safetensors.index.json")
+         if (folder / name).is_file()),
+        None,
+    )
+    if weights is None:
+        raise ConfigError(
+            f"lora.init_lora_weights=loftq reads the original weights from safetensors files; "
+            f"{config.model_name} has none in {folder}. Use init_lora_weights=default."
+        )
     try:
-        replace_lora_weights_loftq(model)
-    except (ValueError, RuntimeError, NotImplementedError, TypeError, OSError) as exc:
+        replace_lora_weights_loftq(model, model_path=str(weights))
+    except (ValueError, RuntimeError, NotImplementedError, TypeError, OSError, AssertionError) as exc:
         raise ConfigError(
             f"lora.init_lora_weights=loftq failed on this device: {first_line(exc)} Use "
             "init_lora_weights=default (or pissa without quantization)."
         ) from None
+
+
+def _cuda() -> bool:
+    from ..training.runtime import Hardware
+
+    return Hardware.detect().cuda
 
 
 def _targets_text(targets: Any) -> str:

@@ -22,7 +22,8 @@ CPU; see tests/test_memory.py):
   (input and inverse RMS, fp32), attention inputs and output (keys and values repeated to every
   head when a padding mask is passed, plus the mask itself), the gated MLP (3 x intermediate),
   and for each LoRA layer its dropout mask and output and its rank-sized hidden state (DoRA:
-  also its base and low-rank outputs; full and freeze: each trained layer's input). With
+  also its base and low-rank outputs, and each layer's composed weight; full and freeze: each
+  trained layer's input). With
   gradient checkpointing only each layer's input is kept, plus one layer being recomputed. A
   freeze run keeps them only for the layers the backward pass runs through (the adapter's
   ``backward_layers``).
@@ -254,6 +255,10 @@ def estimate_memory(
     ) / max(arch.layers, 1)
     backward = adapter.backward_layers(arch.layers, config)
     activations = _activations(arch, setting, layer, config, backward)
+    weight_sized = adapter.saved_bytes(adapted, config, element=setting.element)
+    if config.gradient_checkpointing:  # recomputed one layer at a time
+        weight_sized //= max(arch.layers, 1)
+    activations += weight_sized
     if answer_loss:
         logits = _answer_loss_logits(arch, setting)
     else:
