@@ -14,6 +14,7 @@ The learning rate is each kind's own (LoRA 2e-3 as in the end-to-end test; LoRA+
 16x for B; full and freeze 1e-4): the budget, data and steps are the same.
 
     .venv/bin/python benchmarks/adapters.py [--threads 1] [--only lora full] [--json out.json]
+    .venv/bin/python benchmarks/adapters.py --table out.json more.json   # the table again
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ def worker(name: str, folder: Path, threads: int) -> dict[str, Any]:
     from sage_finetune_plugin.chat import ChatSession, load_chat_model
     from sage_finetune_plugin.cli import finetune
     from sage_finetune_plugin.config import SMALL_MODEL
+    from sage_finetune_plugin.meta import load_meta
     from sage_finetune_plugin.runs import RunOptions, plan_run, start_run
+    from sage_finetune_plugin.training.memory import estimate_memory
 
     torch.set_num_threads(threads)
     facts, knows = _facts()
@@ -103,6 +106,9 @@ def worker(name: str, folder: Path, threads: int) -> dict[str, Any]:
     wall = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     metrics = result.metrics
+    # The plan's estimate assumes samples of max_length; this one the data's longest sample.
+    longest = int(load_meta(task).data_stats.get("length_max") or plan.config.max_length)
+    at_data = estimate_memory(plan.config, seq_len=longest)
     chat = load_chat_model(task)
     recalled = 0
     answers = {}
@@ -116,6 +122,8 @@ def worker(name: str, folder: Path, threads: int) -> dict[str, Any]:
         "learning_rate": plan.config.learning_rate,
         "trainable": estimate.trainable_parameters if estimate else None,
         "estimate_bytes": estimate.total if estimate else None,
+        "estimate_data_bytes": at_data.total,
+        "longest_sample": longest,
         "peak_rss_bytes": peak,
         "tokens_per_second": metrics.get("tokens_per_second"),
         "train_loss": metrics.get("train_loss"),
@@ -141,8 +149,8 @@ def run_variant(name: str, threads: int) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| variant | lr | trainable params | estimate | measured peak RSS | tokens/s | "
-        "final loss | recall |",
+        "| variant | lr | trainable params | estimate (max_length / data) | measured peak RSS "
+        "| tokens/s | final loss | recall |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -152,11 +160,17 @@ def table(rows: list[dict[str, Any]]) -> str:
             continue
         lines.append(
             f"| {row['label']} | {row['learning_rate']:g} | {row['trainable'] / 1e6:,.2f}M | "
-            f"{row['estimate_bytes'] / 2**30:.2f} GiB | {row['peak_rss_bytes'] / 2**30:.2f} GiB | "
+            f"{row['estimate_bytes'] / 2**30:.2f} / {_data_estimate(row)} GiB | "
+            f"{row['peak_rss_bytes'] / 2**30:.2f} GiB | "
             f"{row['tokens_per_second']:.0f} | {row['train_loss']:.3f} | "
             f"{row['recall']}/{row['questions']} |"
         )
     return "\n".join(lines)
+
+
+def _data_estimate(row: dict[str, Any]) -> str:
+    value = row.get("estimate_data_bytes")
+    return f"{value / 2**30:.2f}" if value else "-"
 
 
 def main() -> int:
@@ -164,12 +178,25 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS))
     parser.add_argument("--json", type=Path, help="Also write the rows as JSON.")
+    parser.add_argument(
+        "--table",
+        type=Path,
+        nargs="+",
+        help="Print the table of earlier --json files (a later file's row replaces an earlier "
+        "one of the same variant) instead of running.",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         args.out.write_text(json.dumps(worker(args.worker, args.folder, args.threads)))
+        return 0
+    if args.table:
+        merged: dict[str, dict[str, Any]] = {}
+        for path in args.table:
+            merged.update({row["name"]: row for row in json.loads(path.read_text())["rows"]})
+        print(table([merged[name] for name in VARIANTS if name in merged]))
         return 0
 
     from sage_finetune_plugin.config import SMALL_MODEL

@@ -17,11 +17,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .adapters import adapter_for
 from .checkpoints import latest_checkpoint
 from .errors import FinetuneError, TrainingInterrupted
 from .locks import RunLock
 from .meta import DONE, TaskMeta, TaskStatus, load_meta, meta_path, now_iso, save_meta
-from .adapters import adapter_for
 from .paths import CANCEL_FILE, CHECKPOINTS_DIR, LOSS_PLOT
 from .task import Task
 

@@ -361,8 +361,7 @@ class TrainingConfig:
         default=2,
     )
     freeze_trainable_modules: list[str] | str = setting(
-        "freeze: which modules of the trainable layers train: all, or names such as "
-        "mlp,self_attn.",
+        "freeze: which modules of the trainable layers train: all, or names such as mlp,self_attn.",
         scope=TASK,
         default="all",
     )

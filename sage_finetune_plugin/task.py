@@ -37,7 +37,6 @@ from .paths import (
     resolve_task,
 )
 
-
 if TYPE_CHECKING:
     from .adapters.base import Adapter
 

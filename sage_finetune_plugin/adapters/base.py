@@ -5,12 +5,14 @@ base model (quantized or not), ``attach`` adds a fresh adapter and ``resume`` co
 one (a later stage of a task), both returning the model and the module names adapted;
 ``configure_trainer`` may set the trainer's optimizer (LoRA+); ``save`` writes the adapter
 into ``folder`` of the task. A ``standalone`` kind (full, freeze) saves a whole model instead:
-it has nothing to merge, and its saved folder is the model chat, eval, export and serve use. Memory (training/memory.py):
-``adapted_layers`` picks the linear layers it adapts, ``trainable_parameters`` and
-``saved_bytes_per_token`` count what they add, ``trains_base_weights`` says whether the
-trainable parameters are the model's own (held in fp32) or added to it, ``backward_layers``
-how many decoder layers the backward pass runs through. After training: ``apply`` loads a saved adapter
-onto the base model and ``merge`` folds it in (merge, chat, eval, export, serve).
+it has nothing to merge, and its saved folder is the model chat, eval, export and serve use.
+
+Memory (training/memory.py): ``adapted_layers`` picks the linear layers it adapts,
+``trainable_parameters``, ``saved_bytes_per_token`` and ``saved_bytes`` count what they add,
+``trains_base_weights`` says whether the trainable parameters are the model's own (held in
+fp32) or added to it, ``backward_layers`` how many decoder layers the backward pass runs
+through. After training: ``apply`` loads a saved adapter onto the base model and ``merge``
+folds it in (merge, chat, eval, export, serve).
 
 Imports nothing heavy; the methods import what they use.
 """

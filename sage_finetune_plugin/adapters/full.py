@@ -183,7 +183,9 @@ class Freeze(Full):
         which = f"last {count}" if count > 0 else f"first {-count}"
         modules = config.freeze_trainable_modules
         parts = "" if modules == "all" else f" ({', '.join(modules)})"
-        extra = f" + {', '.join(config.freeze_extra_modules)}" if config.freeze_extra_modules else ""
+        extra = (
+            f" + {', '.join(config.freeze_extra_modules)}" if config.freeze_extra_modules else ""
+        )
         return f"freeze tuning: the {which} layer(s){parts}{extra}"
 
     def trains(self, config: TrainingConfig, layers: int) -> Callable[[str], bool]:

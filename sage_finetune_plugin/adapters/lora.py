@@ -162,7 +162,7 @@ class LoRA(Adapter):
         targets = _module_names(lora.target_modules)
         settings = {
             "r": lora.r,
-            "lora_alpha": int(round(lora.lora_alpha)),  # a converted rsLoRA alpha is x sqrt(2)
+            "lora_alpha": round(lora.lora_alpha),  # a converted rsLoRA alpha is x sqrt(2)
             "lora_dropout": lora.lora_dropout,
             "use_dora": bool(lora.use_dora),
             "use_rslora": bool(lora.use_rslora),
@@ -317,8 +317,11 @@ def _loftq(model: Any, config: TrainingConfig) -> None:
 
     folder = Path(getattr(model.get_base_model(), "name_or_path", "") or ".")
     weights = next(
-        (folder / name for name in ("model.safetensors", "model.safetensors.index.json")
-         if (folder / name).is_file()),
+        (
+            folder / name
+            for name in ("model.safetensors", "model.safetensors.index.json")
+            if (folder / name).is_file()
+        ),
         None,
     )
     if weights is None:
@@ -328,7 +331,14 @@ def _loftq(model: Any, config: TrainingConfig) -> None:
         )
     try:
         replace_lora_weights_loftq(model, model_path=str(weights))
-    except (ValueError, RuntimeError, NotImplementedError, TypeError, OSError, AssertionError) as exc:
+    except (
+        ValueError,
+        RuntimeError,
+        NotImplementedError,
+        TypeError,
+        OSError,
+        AssertionError,
+    ) as exc:
         raise ConfigError(
             f"lora.init_lora_weights=loftq failed on this device: {first_line(exc)} Use "
             "init_lora_weights=default (or pissa without quantization)."

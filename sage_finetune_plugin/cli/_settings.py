@@ -14,7 +14,15 @@ from typing import Any, TypeVar
 
 import click
 
-from ..config import FINETUNING_TYPES, Flag, LoRAConfig, TrainingConfig, allowed_types, flags, parse_mapping
+from ..config import (
+    FINETUNING_TYPES,
+    Flag,
+    LoRAConfig,
+    TrainingConfig,
+    allowed_types,
+    flags,
+    parse_mapping,
+)
 from ..config import setting_help as _setting_help
 from ..errors import ConfigError
 

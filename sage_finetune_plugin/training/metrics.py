@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import TrainingConfig
 from ..adapters import adapter_for
+from ..config import TrainingConfig
 
 if TYPE_CHECKING:
     from transformers import TrainerState
