@@ -84,8 +84,9 @@ def test_dora_saves_magnitudes_and_rslora_scales_by_the_root_of_r(make_prepared_
 def test_pissa_adapter_is_converted_to_apply_to_the_original_base(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    """The trained model (residual base + PiSSA adapter) and the original base with the
-    saved adapter give the same logits; the saved adapter has twice the rank."""
+    """The trained model (residual base + PiSSA adapter), the original base with the saved
+    adapter and the base with the last checkpoint give the same logits; the saved adapter has
+    twice the rank."""
     import torch
 
     from sage_finetune_plugin.chat import load_chat_model
@@ -106,7 +107,10 @@ def test_pissa_adapter_is_converted_to_apply_to_the_original_base(
     with torch.inference_mode():
         trained = trainer.model(input_ids=ids).logits
         reloaded = load_chat_model(task).model(input_ids=ids).logits
+        # The checkpoint of the last step keeps the unconverted adapter: peft re-runs PiSSA.
+        checkpoint = load_chat_model(task, checkpoint=4).model(input_ids=ids).logits
     assert torch.allclose(trained, reloaded, atol=1e-4)
+    assert torch.allclose(trained, checkpoint, atol=1e-4)
 
 
 def test_loraplus_gives_the_b_matrices_a_larger_learning_rate(

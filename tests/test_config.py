@@ -293,6 +293,10 @@ def test_a_preset_keeps_every_task_level_setting():
         "method": "kto",
         "init_adapter": "adapter",
         "eval_ratio": 0.2,
+        "finetuning_type": "freeze",
+        "freeze_trainable_layers": -3,
+        "freeze_trainable_modules": ["mlp"],
+        "freeze_extra_modules": ["norm"],
     }
     for key in task_keys:  # the rest: booleans flipped, numbers moved
         value = getattr(defaults, key)
@@ -307,6 +311,7 @@ def test_a_preset_keeps_every_task_level_setting():
         preset_config = PresetConfigs.get(preset)
         assert applied.learning_rate == preset_config.learning_rate
         assert dataclasses.asdict(applied.lora) == dataclasses.asdict(preset_config.lora)
+        assert applied.quantization is None  # a freeze task's weights train: never quantized
 
 
 def test_named_options_come_from_the_metadata():
