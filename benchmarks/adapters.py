@@ -11,7 +11,8 @@ recall: how many of the six questions ``chat`` answers with the invented fact af
 (greedy, 16 new tokens), as the end-to-end test asks them.
 
 The learning rate is each kind's own (LoRA 2e-3 as in the end-to-end test; LoRA+ 5e-4 for A,
-16x for B; full and freeze 1e-4): the budget, data and steps are the same.
+16x for B; full and freeze 1e-4; rsLoRA r64 and PiSSA also at a lower one, ``_lr`` rows): the
+budget, data and steps are the same.
 
     .venv/bin/python benchmarks/adapters.py [--threads 1] [--only lora full] [--json out.json]
     .venv/bin/python benchmarks/adapters.py --table out.json more.json   # the table again
@@ -41,7 +42,15 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dora": ("DoRA r16", {"lora": {"use_dora": True}}),
     "rslora16": ("rsLoRA r16", {"lora": {"use_rslora": True}}),
     "rslora64": ("rsLoRA r64", {"lora": {"use_rslora": True, "r": 64, "lora_alpha": 32}}),
+    "rslora64_lr": (
+        "rsLoRA r64, lr 5e-4",
+        {"lora": {"use_rslora": True, "r": 64, "lora_alpha": 32}, "learning_rate": 5e-4},
+    ),
     "pissa": ("PiSSA r16", {"lora": {"init_lora_weights": "pissa_niter_4"}}),
+    "pissa_lr": (
+        "PiSSA r16, lr 2e-4",
+        {"lora": {"init_lora_weights": "pissa_niter_4"}, "learning_rate": 2e-4},
+    ),
     "loraplus": (
         "LoRA+ r16 (ratio 16)",
         {"lora": {"loraplus_lr_ratio": 16.0}, "learning_rate": 5e-4},

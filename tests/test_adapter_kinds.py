@@ -268,3 +268,36 @@ def test_finetuning_type_option_and_set_keys() -> None:
     )
     assert config.freeze_trainable_modules == ["mlp", "self_attn"]
     assert config.freeze_extra_modules is None and config.lora.use_dora is True
+
+
+def test_export_of_a_freeze_task_reads_its_model_folder(make_prepared_task) -> None:
+    pytest.importorskip("gguf")
+    import gguf
+
+    from sage_finetune_plugin.export import export_task
+
+    task = make_prepared_task("frozen", finetuning_type="freeze", max_steps=2, save_steps=10)
+    train_from_meta(task)
+    result = export_task(task, quant="f16")
+    assert result.model_dir == task / "model"
+    assert not (task / "merged").exists()
+    names = {t.name for t in gguf.GGUFReader(result.path).tensors}
+    assert "token_embd.weight" in names and "blk.1.ffn_down.weight" in names
+
+
+def test_a_later_stage_of_a_full_task_starts_from_its_model(make_prepared_task, tmp_path) -> None:
+    """New data on a full task: a stage that continues the saved model, not the base."""
+    from sage_finetune_plugin.runs import start_run
+
+    from conftest import write_data
+
+    task = make_prepared_task("full", finetuning_type="full", learning_rate=1e-3, max_steps=2)
+    train_from_meta(task)
+    first = _weights(task / "model")
+    data = write_data(tmp_path / "more.jsonl", 16)
+    plan = plan_run(task, RunOptions(data=str(data), overrides={"learning_rate": 1e-9}))
+    assert plan.config.init_adapter == str(task / "model")
+    assert "Starts from: the task's model" in "\n".join(plan.objective_lines())
+    start_run(plan)
+    second = _weights(task / "model")
+    assert max(float((first[k] - second[k]).abs().max()) for k in first) < 1e-6

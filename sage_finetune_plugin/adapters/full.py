@@ -96,23 +96,17 @@ class Full(Adapter):
         self, model: Any, path: str | Path, config: TrainingConfig
     ) -> tuple[Any, list[str], dict[str, Any]]:
         """A later stage: the weights the task saved, loaded into the base model."""
-        from transformers.modeling_utils import load_sharded_checkpoint
-
-        folder = Path(path)
         try:
-            if (folder / "model.safetensors").is_file():
-                from safetensors.torch import load_file
-
-                state = load_file(str(folder / "model.safetensors"))
-                missing, unexpected = model.load_state_dict(state, strict=False)
-                tied = set(getattr(model, "_tied_weights_keys", None) or ())
-                missing = [key for key in missing if key not in tied]
-                if unexpected or len(missing) > len(tied):
-                    raise ValueError(f"weights do not match the model ({len(unexpected)} unknown)")
-            else:
-                load_sharded_checkpoint(model, str(folder), strict=False)
-        except (OSError, ValueError, RuntimeError) as exc:
+            state = _saved_weights(Path(path))
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise ModelError(f"Cannot continue the model in {path}: {first_line(exc)}") from None
+        tied = {key for key in missing if key not in state and _is_tied(model, key)}
+        if unexpected or set(missing) - tied:
+            raise ModelError(
+                f"Cannot continue the model in {path}: its weights do not match "
+                f"{config.model_name} ({len(unexpected)} unknown, {len(missing)} missing)."
+            )
         self.attach(model, config)
         return model, [], {}
 
@@ -206,6 +200,30 @@ class Freeze(Full):
     def backward_layers(self, layers: int, config: TrainingConfig) -> int:
         count = config.freeze_trainable_layers
         return min(count, layers) if count > 0 else layers
+
+
+def _saved_weights(folder: Path) -> dict[str, Any]:
+    """The tensors of a saved model folder (one safetensors file or an index of shards)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    state: dict[str, Any] = {}
+    for name in files:
+        state.update(load_file(str(folder / name)))
+    return state
+
+
+def _is_tied(model: Any, key: str) -> bool:
+    """Whether the parameter ``key`` is the output head tied to the input embeddings."""
+    head = model.get_output_embeddings()
+    embeddings = model.get_input_embeddings()
+    return head is not None and embeddings is not None and head.weight is embeddings.weight
 
 
 def _layer_count(names: Sequence[str]) -> int:
