@@ -259,6 +259,20 @@ def test_plans_the_kind_cannot_train_are_blocked(
         plan.check()
 
 
+def test_quickstart_records_the_kind(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from conftest import write_data
+
+    data = write_data(tmp_path / "data.jsonl", 8)
+    root = tmp_path / "root"
+    args = ["quickstart", "instruction", "--data", str(data), "--name", "frz", "--root", str(root)]
+    created = cli(*args, "--model", str(tiny_model_dir), "--finetuning-type", "freeze")
+    assert created.exit_code == 0, created.output
+    assert load_meta(root / "frz").training["finetuning_type"] == "freeze"
+    refused = cli("run", str(root / "frz"), "--4bit", "--dry-run")
+    assert refused.exit_code == 2
+    assert "cannot be 4- or 8-bit" in refused.output and "Traceback" not in refused.output
+
+
 def test_finetuning_type_option_and_set_keys() -> None:
     help_text = cli("run", "--help").output
     assert "--finetuning-type [lora|full|freeze]" in help_text
