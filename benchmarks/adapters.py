@@ -11,7 +11,7 @@ recall: how many of the six questions ``chat`` answers with the invented fact af
 (greedy, 16 new tokens), as the end-to-end test asks them.
 
 The learning rate is each kind's own (LoRA 2e-3 as in the end-to-end test; LoRA+ 5e-4 for A,
-16x for B; full and freeze 1e-4; rsLoRA r64 and PiSSA also at a lower one, ``_lr`` rows): the
+16x for B; full and freeze 1e-4; rsLoRA r64 and PiSSA also at a lower one, freeze at a higher one: ``_lr`` rows): the
 budget, data and steps are the same.
 
     .venv/bin/python benchmarks/adapters.py [--threads 1] [--only lora full] [--json out.json]
@@ -59,6 +59,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "freeze": (
         "freeze (last 4 layers)",
         {"finetuning_type": "freeze", "freeze_trainable_layers": 4, "learning_rate": 1e-4},
+    ),
+    "freeze_lr": (
+        "freeze (last 4 layers), lr 1e-3",
+        {"finetuning_type": "freeze", "freeze_trainable_layers": 4, "learning_rate": 1e-3},
     ),
 }
 

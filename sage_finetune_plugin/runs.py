@@ -160,7 +160,7 @@ class RunPlan:
         elif adapter.standalone:
             starts = f"{config.model_name} itself"
         else:
-            starts = f"a new adapter on {config.model_name}"
+            starts = f"a new LoRA adapter on {config.model_name}"
         return [
             lines[0],
             f"Trains: {adapter.describe(config)}",
