@@ -33,6 +33,7 @@ from ..checkpoints import ADAPTER_FILES
 from ..config import ALL_LINEAR
 from ..errors import ConfigError, FinetuneError, ModelError, first_line
 from ..paths import ADAPTER_INIT_DIR
+from ..training.distributed import is_main_process
 from .base import Adapter, Linear
 
 if TYPE_CHECKING:
@@ -136,7 +137,7 @@ class LoRA(Adapter):
             ) from None
         if init == "loftq":
             _loftq(model, config)
-        if _converted(init):
+        if _converted(init) and is_main_process():  # rank 0 saves, and converts
             _save_initial(model, Path(config.output_dir) / ADAPTER_INIT_DIR)
         targets = _module_names(model.peft_config["default"].target_modules)
         trainable, total = model.get_nb_trainable_parameters()
