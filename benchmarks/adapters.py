@@ -11,8 +11,8 @@ recall: how many of the six questions ``chat`` answers with the invented fact af
 (greedy, 16 new tokens), as the end-to-end test asks them.
 
 The learning rate is each kind's own (LoRA 2e-3 as in the end-to-end test; LoRA+ 5e-4 for A,
-16x for B; full and freeze 1e-4; rsLoRA r64 and PiSSA also at a lower one, freeze at a higher one: ``_lr`` rows): the
-budget, data and steps are the same.
+16x for B; full and freeze 1e-4; the ``_lr`` rows: rsLoRA r64 and PiSSA at a lower one, freeze
+at a higher one): the budget, data and steps are the same.
 
     .venv/bin/python benchmarks/adapters.py [--threads 1] [--only lora full] [--json out.json]
     .venv/bin/python benchmarks/adapters.py --table out.json more.json   # the table again
