@@ -163,8 +163,8 @@ def run_variant(name: str, threads: int) -> dict[str, Any]:
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| variant | lr | trainable params | estimate (max_length / data) | measured peak RSS "
-        "| tokens/s | final loss | recall |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| tokens/s | load avg | final loss | recall |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         if "error" in row:
@@ -175,10 +175,16 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {row['label']} | {row['learning_rate']:g} | {row['trainable'] / 1e6:,.2f}M | "
             f"{row['estimate_bytes'] / 2**30:.2f} / {_data_estimate(row)} GiB | "
             f"{row['peak_rss_bytes'] / 2**30:.2f} GiB | "
-            f"{row['tokens_per_second']:.0f} | {row['train_loss']:.3f} | "
+            f"{row['tokens_per_second']:.0f} | {_load(row)} | {row['train_loss']:.3f} | "
             f"{row['recall']}/{row['questions']} |"
         )
     return "\n".join(lines)
+
+
+def _load(row: dict[str, Any]) -> str:
+    """The 1-minute load average when the row ended (other jobs on a shared machine)."""
+    load = row.get("load_average")
+    return f"{load[0]:.1f}" if load else "-"
 
 
 def _data_estimate(row: dict[str, Any]) -> str:
