@@ -315,3 +315,17 @@ def test_a_later_stage_of_a_full_task_starts_from_its_model(make_prepared_task, 
     start_run(plan)
     second = _weights(task / "model")
     assert max(float((first[k] - second[k]).abs().max()) for k in first) < 1e-6
+
+
+def test_full_fine_tuning_that_does_not_fit_is_refused_with_the_numbers(make_prepared_task) -> None:
+    from sage_finetune_plugin.training.runtime import Hardware
+
+    task = make_prepared_task("big", finetuning_type="full")
+    small_gpu = Hardware(cuda=True, cuda_bf16=True, cuda_memory=700 * 2**20)
+    plan = plan_run(task, RunOptions(), hardware=small_gpu)
+    message = str(plan.blockers[0])
+    assert message.startswith("Predicted not to fit: does not fit:")
+    assert "GiB estimated peak" in message and "use finetuning_type=lora" in message
+    lora = plan_run(task, RunOptions(overrides={"finetuning_type": "lora"}), hardware=small_gpu)
+    assert lora.memory is not None and plan.memory is not None
+    assert plan.memory.total > lora.memory.total  # gradients and Adam states for every weight
