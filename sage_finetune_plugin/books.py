@@ -17,11 +17,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .adapters import adapter_for
 from .checkpoints import latest_checkpoint
 from .errors import FinetuneError, TrainingInterrupted
 from .locks import RunLock
 from .meta import DONE, TaskMeta, TaskStatus, load_meta, meta_path, now_iso, save_meta
-from .paths import ADAPTER_DIR, CANCEL_FILE, CHECKPOINTS_DIR, LOSS_PLOT
+from .paths import CANCEL_FILE, CHECKPOINTS_DIR, LOSS_PLOT
 from .task import Task
 
 if TYPE_CHECKING:
@@ -125,7 +126,7 @@ class RunBooks:
         metrics = self.record(outcome, TaskStatus.TRAINED)
         return TrainResult(
             self.task_dir,
-            self.task_dir / ADAPTER_DIR,
+            self.task_dir / adapter_for(outcome.config).folder,
             metrics,
             outcome.config,
             outcome.target_modules,
@@ -145,7 +146,7 @@ class RunBooks:
             "stages": self._stages_at_end(status, metrics, outcome),
         }
         if status == TaskStatus.TRAINED:
-            changes["adapter_path"] = ADAPTER_DIR
+            changes["adapter_path"] = adapter_for(outcome.config).folder
             if self.task is not None and self.task.merged_dir:
                 changes["merged_path"] = None
         if outcome.data_stats is not None:

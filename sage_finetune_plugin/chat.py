@@ -61,6 +61,8 @@ def load_chat_model(
         chat.system = system  # the same prompt as the fine-tune, for a fair comparison
         return chat
     final = str(checkpoint).strip().lower() == "final"
+    if task.unit.standalone:  # full, freeze: the trained model (or a checkpoint) itself
+        return _load_trained_model(task, checkpoint, device, report)
     merged, state = task.merged_dir, task.merged_state() if final else "none"
     if state == "current" and merged is not None:
         report(f"Loading the merged model {merged}")
@@ -85,9 +87,25 @@ def load_chat_model(
     )
 
 
+def _load_trained_model(
+    task: Task, checkpoint: str | int, runtime: Runtime, report: Status
+) -> ChatModel:
+    """The model a full or freeze run saved (or one of its checkpoints)."""
+    try:
+        folder, label = task.find_adapter(checkpoint)
+    except TaskError:
+        if str(checkpoint).strip().lower() != "final":
+            raise
+        raise TaskError(_not_trained_message(task)) from None
+    report(f"Loading the trained model {folder}")
+    model, tokenizer = _load_folder(folder, task.trust_remote_code, runtime, task.base_model)
+    description = f"{task.kind} fine-tuned model {folder} ({label})"
+    return ChatModel(model, tokenizer, description, task.system_prompt)
+
+
 def _not_trained_message(task: Task) -> str:
     return (
-        f"Task {task.path} has no trained model (status {task.meta.status}; no adapter at "
+        f"Task {task.path} has no trained model (status {task.meta.status}; nothing at "
         f"{task.adapter_dir}): run `sage finetune run {task.path}` first, or talk to the base "
         "model with base=True."
     )
@@ -99,8 +117,11 @@ def _load_base(base_name: str, trust: bool, runtime: Runtime, report: Status) ->
     return ChatModel(*_load_folder(path, trust, runtime), f"base model {base_name}")
 
 
-def _load_folder(folder: Path, trust: bool, runtime: Runtime) -> tuple[Any, Any]:
-    """Model and tokenizer of a model folder, on the runtime's device and in its dtype."""
+def _load_folder(
+    folder: Path, trust: bool, runtime: Runtime, base_name: str | None = None
+) -> tuple[Any, Any]:
+    """Model and tokenizer of a model folder, on the runtime's device and in its dtype
+    (``base_name``: the base model's tokenizer where the folder has none, a checkpoint)."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -109,8 +130,11 @@ def _load_folder(folder: Path, trust: bool, runtime: Runtime) -> tuple[Any, Any]
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"Cannot load the model in {folder}: {first_line(exc)}") from None
-    tokenizer = load_tokenizer(str(folder), trust_remote_code=trust)
-    ensure_chat_template(tokenizer)
+    if base_name is not None:
+        tokenizer = load_adapter_tokenizer(folder, base_name, trust_remote_code=trust)
+    else:
+        tokenizer = load_tokenizer(str(folder), trust_remote_code=trust)
+        ensure_chat_template(tokenizer)
     return model.to(runtime.device).eval(), tokenizer
 
 

@@ -16,6 +16,13 @@ from .errors import TaskError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+#: The weights of a whole model (full and freeze runs save one instead of an adapter).
+MODEL_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
@@ -55,8 +62,10 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
 
 
 def is_complete_adapter(path: Path, *, need_config: bool = True) -> bool:
-    """A folder peft can load an adapter from."""
+    """A folder peft can load an adapter from, or (full and freeze runs) a whole model."""
     path = Path(path)
+    if any((path / name).is_file() for name in MODEL_FILES):
+        return not need_config or (path / "config.json").is_file()
     has_weights = any((path / name).is_file() for name in ADAPTER_FILES)
     return has_weights and (not need_config or (path / "adapter_config.json").is_file())
 

@@ -46,6 +46,12 @@ TRACKERS = ("tensorboard", "wandb", "mlflow")
 TASK = "task"
 PRESET = "preset"
 
+#: ``lora.init_lora_weights`` values (besides ``pissa_niter_N``): peft's initialisations.
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
+PISSA_NITER = re.compile(r"pissa_niter_[1-9]\d*")
+#: What ``finetuning_type`` may be: a LoRA adapter, every weight, or some layers.
+FINETUNING_TYPES = ("lora", "full", "freeze")
+
 
 @dataclass(frozen=True)
 class Flag:
@@ -107,11 +113,46 @@ class LoRAConfig:
     bias: str = setting("Which biases to train: none, all or lora_only.", default="none")
     task_type: str = setting("peft task type.", default="CAUSAL_LM")
 
+    # LoRA variants (issue 22): peft's own, passed to its LoraConfig.
+    use_dora: bool = setting(
+        "DoRA: train a magnitude vector per output feature besides the low-rank direction "
+        "(peft use_dora; slower, a little more memory).",
+        default=False,
+    )
+    use_rslora: bool = setting(
+        "rsLoRA: scale updates by lora_alpha / sqrt(r) instead of lora_alpha / r, so that "
+        "large ranks keep learning (peft use_rslora).",
+        default=False,
+    )
+    init_lora_weights: str = setting(
+        "How the adapter starts: default (A random, B = 0), gaussian (A Gaussian, B = 0), "
+        "pissa or pissa_niter_N (the principal singular vectors of each weight; N: fast "
+        "randomized SVD), olora (QR of each weight) or loftq (QLoRA with load_in_4bit: "
+        "compensates the quantization error).",
+        default="default",
+    )
+    loraplus_lr_ratio: float | None = setting(
+        "LoRA+: learning rate of the B matrices = learning_rate x this ratio (16 in the "
+        "paper; none: one learning rate), through peft's create_loraplus_optimizer.",
+        default=None,
+    )
+
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         _check_types(self)
+        if self.init_lora_weights not in LORA_INITS and not PISSA_NITER.fullmatch(
+            self.init_lora_weights
+        ):
+            raise ConfigError(
+                f"lora.init_lora_weights must be {', '.join(LORA_INITS)} or pissa_niter_N, "
+                f"got {self.init_lora_weights!r}."
+            )
+        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio <= 0:
+            raise ConfigError(
+                f"lora.loraplus_lr_ratio must be positive (or none), got {self.loraplus_lr_ratio}."
+            )
         if self.r < 1:
             raise ConfigError(f"lora.r must be at least 1, got {self.r}.")
         if self.lora_alpha <= 0:
@@ -337,6 +378,36 @@ class TrainingConfig:
         "kto: weight of the undesirable examples' loss.", scope=TASK, default=1.0
     )
 
+    # How the model is adapted (issue 22): adapters/ has a unit per kind.
+    finetuning_type: str = setting(
+        "What training changes: lora (an adapter on the frozen model; QLoRA when quantized), "
+        "full (every weight) or freeze (the last freeze_trainable_layers decoder layers). "
+        "full and freeze save a whole model instead of an adapter.",
+        scope=TASK,
+        default="lora",
+        flag=Flag("finetuning-type", commands=("run", "quickstart")),
+    )
+    freeze_trainable_layers: int = setting(
+        "freeze: how many decoder layers train, the last N (negative: the first N).",
+        scope=TASK,
+        default=2,
+    )
+    freeze_trainable_modules: list[str] | str = setting(
+        "freeze: which modules of the trainable layers train: all, or names such as mlp,self_attn.",
+        scope=TASK,
+        default="all",
+    )
+    freeze_extra_modules: list[str] | None = setting(
+        "freeze: modules outside the decoder layers that train too, e.g. embed_tokens,norm.",
+        scope=TASK,
+        default=None,
+    )
+    neftune_noise_alpha: float | None = setting(
+        "NEFTune: uniform noise of this scale added to the input embeddings while training "
+        "(5 in the paper; none: off), through transformers.",
+        default=None,
+    )
+
     # Misc
     seed: int = setting("Random seed.", default=42)
     dataloader_num_workers: int = setting("Data-loader worker processes.", default=0)
@@ -411,6 +482,7 @@ class TrainingConfig:
             raise ConfigError("kto_desirable_weight and kto_undesirable_weight must be positive.")
         if not self.model_name.strip():
             raise ConfigError("model_name is empty: give a hub id or a local directory.")
+        self._validate_finetuning_type()
         for name in ("columns", "placeholders"):
             mapping = getattr(self, name)
             if mapping is not None and not all(
@@ -418,6 +490,29 @@ class TrainingConfig:
             ):
                 raise ConfigError(f"{name} must map names to strings, got {mapping!r}.")
         self.lora.validate()
+
+    def _validate_finetuning_type(self) -> None:
+        if self.finetuning_type not in FINETUNING_TYPES:
+            raise ConfigError(
+                f"finetuning_type must be {', '.join(FINETUNING_TYPES)}, "
+                f"got {self.finetuning_type!r}."
+            )
+        if self.freeze_trainable_layers == 0:
+            raise ConfigError(
+                "freeze_trainable_layers must not be 0: the last N layers train (negative: "
+                "the first N)."
+            )
+        if isinstance(self.freeze_trainable_modules, list) and not self.freeze_trainable_modules:
+            raise ConfigError("freeze_trainable_modules is empty: name modules or use 'all'.")
+        if self.neftune_noise_alpha is not None and self.neftune_noise_alpha <= 0:
+            raise ConfigError(
+                f"neftune_noise_alpha must be positive (or none), got {self.neftune_noise_alpha}."
+            )
+        if self.finetuning_type != "lora" and self.quantization is not None:
+            raise ConfigError(
+                f"finetuning_type={self.finetuning_type} trains the model's own weights, which "
+                "cannot be 4- or 8-bit: drop load_in_4bit/load_in_8bit (or use lora for QLoRA)."
+            )
 
     # --- JSON round trip -------------------------------------------------------------------
 
@@ -495,6 +590,12 @@ class TrainingConfig:
 # --- settings and recipe files ----------------------------------------------------------------
 
 _NULL_WORDS = ("none", "null")
+#: Settings that take comma-separated module names, and the word that means "all of them".
+_NAME_LISTS = {
+    "lora.target_modules": ALL_LINEAR,
+    "freeze_trainable_modules": "all",
+    "freeze_extra_modules": None,
+}
 _TRUE_WORDS = ("true", "yes", "on", "1")
 _FALSE_WORDS = ("false", "no", "off", "0")
 #: ``KEY=VALUE`` pairs are separated by the commas that precede the next ``KEY=``.
@@ -650,11 +751,12 @@ def _typed(key: str, raw: str, hint: Any) -> Any:
         return None
     if key == "report_to":
         return parse_trackers(raw)
-    if key == "lora.target_modules":
+    if key in _NAME_LISTS:
         names = [name.strip() for name in raw.split(",") if name.strip()]
+        whole = _NAME_LISTS[key]
         if not names:
-            raise ConfigError(f"{key} needs all-linear or module names, got {raw!r}.")
-        return ALL_LINEAR if names == [ALL_LINEAR] else names
+            raise ConfigError(f"{key} needs {whole or 'none'} or module names, got {raw!r}.")
+        return whole if whole is not None and names == [whole] else names
     if dict in allowed:
         return parse_mapping(raw, key)
     if bool in allowed and (flag := parse_bool(raw)) is not None:

@@ -26,7 +26,7 @@ from .meta import TaskStatus
 from .paths import MERGED_DIR, atomic_directory
 from .progress import Status
 from .task import Task
-from .templates import stop_token_ids
+from .templates import set_generation_stops
 
 if TYPE_CHECKING:
     from .adapters.base import Adapter
@@ -92,6 +92,7 @@ def merge_task(
     """
     report = status or (lambda _message: None)
     task = Task.of(task, root)
+    _check_has_adapter(task)
     task.lock().check()  # a run in progress rewrites the adapter and the meta
     adapter_dir, label = task.find_adapter(checkpoint)
     target = Path(output).expanduser() if output else task.path / MERGED_DIR
@@ -151,6 +152,8 @@ def merged_model(
     says so. Raises TaskError when the task has neither."""
     report = status or (lambda _message: None)
     task = Task.of(task, root)
+    if task.unit.standalone:  # full, freeze: the trained model itself
+        return task.find_adapter("final")[0]
     state = task.merged_state()
     if state == "current":
         assert task.merged_dir is not None
@@ -162,6 +165,15 @@ def merged_model(
         why = f"Task {task.name!r} has no merged model yet: merging the adapter first."
     report(why)
     return merge_task(task, output=task.merged_dir, force=True, status=report).output
+
+
+def _check_has_adapter(task: Task) -> None:
+    """Full and freeze tasks train the model itself: nothing to merge."""
+    if task.unit.standalone:
+        raise MergeError(
+            f"Task {task.name!r} is a {task.kind} fine-tune: it has no adapter to merge; its "
+            f"model folder {task.adapter_dir} is what chat, eval, export and serve use."
+        )
 
 
 def _check_target(target: Path, task_dir: Path, adapter_dir: Path, force: bool) -> None:
@@ -230,11 +242,7 @@ def _merge(unit: Adapter, model: Any, tokenizer: Any) -> Any:
     # The merged weights are full precision whatever the training copy was.
     if hasattr(merged.config, "quantization_config"):
         del merged.config.quantization_config
-    generation = merged.generation_config
-    stops = stop_token_ids(tokenizer, generation)
-    generation.eos_token_id = stops[0] if len(stops) == 1 else stops
-    if tokenizer.pad_token_id is not None:
-        generation.pad_token_id = tokenizer.pad_token_id
+    set_generation_stops(merged, tokenizer)
     return merged
 
 

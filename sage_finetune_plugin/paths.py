@@ -30,6 +30,10 @@ PREPARED_CACHE = ".cache/prepared"
 #: The evaluation before the first step, cached per model, eval split and settings.
 BASE_EVAL_CACHE = ".cache/base-eval.json"
 ADAPTER_DIR = "adapter"
+#: The initial adapter of a PiSSA or OLoRA run (the final one is converted with it).
+ADAPTER_INIT_DIR = "adapter_init"
+#: The model a full or freeze run saves (it has no adapter).
+MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"
 #: What `sage finetune eval` writes: report.json, report.md, cached base-model numbers.

@@ -232,11 +232,15 @@ def choose_preset(
 def apply_preset(config: TrainingConfig, name: str) -> TrainingConfig:
     """The preset's hyperparameters with ``config``'s task-level settings (scope ``TASK``: its
     model, data and objective; ``auto``: the largest preset that fits this machine for that
-    model)."""
+    model). A task that trains the model's own weights (``finetuning_type`` full or freeze)
+    keeps them unquantized: a preset's 4- or 8-bit loading is dropped."""
     if name == "auto":
         name, _ = choose_preset(config.model_name)
     preset = PresetConfigs.get(name)
-    return preset.replace(**{key: getattr(config, key) for key in task_fields()})
+    kept = {key: getattr(config, key) for key in task_fields()}
+    if config.finetuning_type != "lora":
+        kept.update(load_in_4bit=False, load_in_8bit=False)
+    return preset.replace(**kept)
 
 
 def _preset(name: str, model_name: str | None) -> TrainingConfig:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .adapters import adapter_for
 from .checkpoints import is_complete_adapter
 from .config import TrainingConfig, apply_flags, flags
 from .errors import (
@@ -152,12 +153,21 @@ class RunPlan:
         previous = [
             s["method"] for s in self.task.meta.stages if s.get("status") == TaskStatus.TRAINED
         ]
+        adapter = adapter_for(config)
+        what = "model" if adapter.standalone else "adapter"
         if config.init_adapter:
             after = f", stage {len(previous) + 1} after {' + '.join(previous)}" if previous else ""
-            starts = f"the task's adapter {config.init_adapter}{after}"
+            starts = f"the task's {what} {config.init_adapter}{after}"
+        elif adapter.standalone:
+            starts = f"{config.model_name} itself"
         else:
             starts = f"a new LoRA adapter on {config.model_name}"
-        return [lines[0], f"Starts from: {starts}", *lines[1:]]
+        return [
+            lines[0],
+            f"Trains: {adapter.describe(config)}",
+            f"Starts from: {starts}",
+            *lines[1:],
+        ]
 
 
 def resolve_config(task: Task, options: RunOptions) -> TrainingConfig:
@@ -198,7 +208,7 @@ def _new_stage(task: Task, config: TrainingConfig, options: RunOptions) -> Train
         if not data.exists():
             raise ConfigError(f"data={options.data}: no such file or directory.")
         changes.update(data_path=str(data.resolve()), eval_data_path=None, data_format=None)
-    adapter, merged = task.adapter_dir, task.merged_dir
+    adapter, merged = task.adapter_dir_for(config), task.merged_dir
     if not is_complete_adapter(adapter) and merged is not None and merged.is_dir():
         raise TaskError(
             f"Task {task.name!r} has a merged model ({merged}) but no adapter to continue: "
@@ -235,7 +245,7 @@ def plan_run(
     config, notes = _resolve(task, options)
     hardware = hardware or Hardware.detect()
     runtime = resolve_runtime(config, hardware)
-    blockers = get_method(config.method).blockers(config)
+    blockers = get_method(config.method).blockers(config) + adapter_for(config).blockers(config)
     blockers.extend(tracker_blockers(config))  # wandb or mlflow not installed
     if options.launch.node_rank == 0:  # node 0 holds the lock for a multi-node run
         try:
@@ -252,10 +262,15 @@ def plan_run(
             raise
     plan = RunPlan(task, options, config, hardware, runtime, memory, available, None, 0)
     if plan.fits is False and not options.force:
+        smaller = (
+            "use finetuning_type=lora (or freeze with fewer freeze_trainable_layers)"
+            if adapter_for(config).standalone
+            else "use quant=4bit"
+        )
         blockers.append(
             TrainingError(
                 f"Predicted not to fit: {plan.memory_verdict()}. Lower "
-                "per_device_train_batch_size or max_length, use quant=4bit, pick a smaller "
+                f"per_device_train_batch_size or max_length, {smaller}, pick a smaller "
                 "preset (or auto), or pass force=True to try anyway."
             )
         )

@@ -15,8 +15,9 @@ import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .adapters import adapter_for
 from .checkpoints import ADAPTER_FILES, complete_checkpoints, find_adapter, latest_checkpoint
 from .config import TrainingConfig
 from .errors import LockError, MetaError, TaskError
@@ -24,7 +25,6 @@ from .locks import RunLock, is_stale, read_lock
 from .meta import TaskMeta, TaskStatus, load_meta, update_meta
 from .models import is_model_dir
 from .paths import (
-    ADAPTER_DIR,
     CANCEL_FILE,
     CHECKPOINTS_DIR,
     LOCK_FILE,
@@ -36,6 +36,9 @@ from .paths import (
     remove_tree,
     resolve_task,
 )
+
+if TYPE_CHECKING:
+    from .adapters.base import Adapter
 
 
 class Task:
@@ -144,8 +147,25 @@ class Task:
     # --- what the task holds -------------------------------------------------------------------
 
     @property
+    def unit(self) -> Adapter:
+        """The task's adapter unit (``finetuning_type``: lora, full or freeze)."""
+        return adapter_for(self.meta.training)
+
+    @property
+    def kind(self) -> str:
+        """What training changes: ``lora``, ``full`` or ``freeze``."""
+        return self.unit.name
+
+    @property
     def adapter_dir(self) -> Path:
-        return self.meta.path(self.path, self.meta.adapter_path) or self.path / ADAPTER_DIR
+        """The trained adapter (full and freeze tasks: the trained model folder)."""
+        return self.meta.path(self.path, self.meta.adapter_path) or self.path / self.unit.folder
+
+    def adapter_dir_for(self, config: TrainingConfig) -> Path:
+        """Where a run of ``config`` finds what the task trained before (a later stage)."""
+        recorded = self.adapter_dir
+        folder = adapter_for(config).folder
+        return recorded if recorded.name == folder else self.path / folder
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -324,6 +344,7 @@ class TaskEntry:
             "tokens_per_second": progress.get(
                 "tokens_per_second", m.metrics.get("tokens_per_second")
             ),
+            "kind": task.kind,
             "adapter": bool(m.adapter_path) and task.adapter_dir.exists(),
             "merged": bool(merged and merged.exists()),
             "updated": progress.get("updated_at", m.updated_at),

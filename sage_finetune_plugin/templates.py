@@ -92,6 +92,16 @@ def end_of_turn_id(tokenizer: Any) -> int | None:
     return ids[0] if ids and ids[0] in special else None
 
 
+def set_generation_stops(model: Any, tokenizer: Any) -> None:
+    """The model's generation config stops at its end-of-turn tokens and pads with the
+    tokenizer's pad token (what a saved model folder needs for chat, serve and export)."""
+    generation = model.generation_config
+    stops = stop_token_ids(tokenizer, generation)
+    generation.eos_token_id = stops[0] if len(stops) == 1 else stops
+    if tokenizer.pad_token_id is not None:
+        generation.pad_token_id = tokenizer.pad_token_id
+
+
 def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
     """Token ids that end an answer: the model's EOS ids, the tokenizer's EOS, end of turn."""
     configured = getattr(generation_config, "eos_token_id", None)

@@ -297,6 +297,10 @@ def test_a_preset_keeps_every_task_level_setting():
         "report_to": ["mlflow", "wandb"],
         "tracker_project": "team",
         "mlflow_tracking_uri": "sqlite:///runs.db",
+        "finetuning_type": "freeze",
+        "freeze_trainable_layers": -3,
+        "freeze_trainable_modules": ["mlp"],
+        "freeze_extra_modules": ["norm"],
     }
     for key in task_keys:  # the rest: booleans flipped, numbers moved
         value = getattr(defaults, key)
@@ -311,6 +315,7 @@ def test_a_preset_keeps_every_task_level_setting():
         preset_config = PresetConfigs.get(preset)
         assert applied.learning_rate == preset_config.learning_rate
         assert dataclasses.asdict(applied.lora) == dataclasses.asdict(preset_config.lora)
+        assert applied.quantization is None  # a freeze task's weights train: never quantized
 
 
 def test_named_options_come_from_the_metadata():

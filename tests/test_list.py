@@ -52,13 +52,14 @@ def test_table_shows_every_column(tmp_path):
         "LOSS",
         "EVAL",
         "TOK/S",
+        "KIND",
         "ADAPTER",
         "MERGED",
         "UPDATED",
         "TRACKER",
     ]
     code = lines[1].split()
-    assert code[:11] == [
+    assert code[:12] == [
         "code",
         "trained",
         "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -68,6 +69,7 @@ def test_table_shows_every_column(tmp_path):
         "1.2346",
         "-",
         "-",
+        "lora",  # a task whose config names no kind: LoRA
         "yes",
         "no",
     ]

@@ -127,6 +127,69 @@ def test_activations_match_tensors_saved_for_backward(
     assert 0.99 <= estimate.activations / saved <= 1.15
 
 
+KINDS = {
+    "dora": {"lora": LoRAConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True)},
+    "full": {"finetuning_type": "full"},
+    "freeze": {"finetuning_type": "freeze", "freeze_trainable_layers": 1},
+    "freeze_first_mlp": {
+        "finetuning_type": "freeze",
+        "freeze_trainable_layers": -1,
+        "freeze_trainable_modules": ["mlp"],
+        "freeze_extra_modules": ["norm"],
+    },
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_adapter_kinds_count_what_trains_and_what_backward_keeps(
+    tiny_model_dir: Path, kind: str
+) -> None:
+    """DoRA, full and freeze: the trainable parameters are those the unit leaves trainable, the
+    weights and gradients follow, and the activations term matches what autograd keeps
+    (only the layers the backward pass runs through, for freeze)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sage_finetune_plugin.adapters import adapter_for
+
+    config = tiny_config(
+        tiny_model_dir,
+        max_length=32,
+        per_device_train_batch_size=2,
+        gradient_checkpointing=False,
+        **KINDS[kind],
+    )
+    estimate = estimate_memory(config, device="cpu")
+    unit = adapter_for(config)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = unit.prepare(model, config, quantized=False, fsdp=False)
+    model, _ = unit.attach(model, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert estimate.trainable_parameters == trainable
+    assert estimate.gradients == 4 * trainable
+    assert estimate.optimizer_states == 8 * trainable
+    if kind == "dora":
+        assert estimate.lora_weights == 4 * trainable
+    else:  # the model's own weights train: nothing added
+        assert estimate.lora_weights == 0
+        assert estimate.weights == 4 * sum(p.numel() for p in model.parameters())
+    assert install_answer_loss(model)
+    model.train()
+    ids = torch.randint(5, model.config.vocab_size, (2, 32))
+    mask = torch.ones_like(ids)
+    mask[0, -5:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    # Per token only: the weight-shaped tensors saved (the head's gradient, which the
+    # answer-token loss computes in the forward pass, and weight copies) are weights' terms.
+    saved = _saved_for_backward(
+        model, ids, mask, labels, exclude_last_dim=model.config.vocab_size, weight_shaped=False
+    )
+    if kind == "dora":  # DoRA keeps each adapted layer's composed weight for backward
+        saved += sum(layer.in_features * layer.out_features * 4 for layer in _linears(model))
+    # The first layers of a freeze run save less than a trained layer: the estimate errs high.
+    assert 0.95 <= estimate.activations / saved <= 1.3, (estimate.activations, saved)
+
+
 def test_estimate_follows_the_settings() -> None:
     from sage_finetune_plugin.models import model_config
 
@@ -230,16 +293,23 @@ def _assert_estimate_matches_training(config: TrainingConfig, tmp_path: Path) ->
     )
 
 
-def _saved_for_backward(model, ids, mask, labels, *, exclude_last_dim: int) -> int:
+def _saved_for_backward(
+    model, ids, mask, labels, *, exclude_last_dim: int, weight_shaped: bool = True
+) -> int:
     """Bytes of distinct tensors autograd saves in a forward pass (weights and the
-    vocabulary-sized logits excluded)."""
+    vocabulary-sized logits excluded; ``weight_shaped=False``: tensors of a weight's shape
+    too, the gradients and weight copies of a run that trains the weights)."""
     import torch
 
     weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    shapes = set() if weight_shaped else {tuple(p.shape) for p in model.parameters()}
+    shapes |= {tuple(reversed(shape)) for shape in shapes}
     saved: dict[int, int] = {}
 
     def pack(tensor):
         key = tensor.untyped_storage().data_ptr()
+        if tuple(tensor.shape) in shapes:
+            return tensor
         if key not in weights and (tensor.dim() == 0 or tensor.shape[-1] != exclude_last_dim):
             saved[key] = tensor.untyped_storage().nbytes()
         return tensor
@@ -247,6 +317,13 @@ def _saved_for_backward(model, ids, mask, labels, *, exclude_last_dim: int) -> i
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model(input_ids=ids, attention_mask=mask, labels=labels, **{FLAG: True})
     return sum(saved.values())
+
+
+def _linears(model):
+    """The adapted linear layers of a peft model (their base layers)."""
+    return [
+        module.base_layer for module in model.modules() if hasattr(module, "lora_magnitude_vector")
+    ]
 
 
 def _quantization_tensors(model):

@@ -1,4 +1,5 @@
-"""Ways to adapt a model as units: today LoRA (QLoRA is LoRA on a quantized base).
+"""Ways to adapt a model as units: LoRA (QLoRA is LoRA on a quantized base; DoRA, rsLoRA, PiSSA,
+OLoRA, LoftQ and LoRA+ are its settings), full and freeze fine-tuning (the model's own weights).
 
 An adapter (``adapters.base.Adapter``) declares in one place how it is attached to a loaded
 model, what is trainable, its memory terms, how it is saved, applied to the base model again
@@ -17,14 +18,23 @@ if TYPE_CHECKING:
     from .base import Adapter
 
 REGISTRY: Registry[Adapter] = Registry(
-    "adapter", {"lora": "sage_finetune_plugin.adapters.lora:LoRA"}
+    "adapter",
+    {
+        "lora": "sage_finetune_plugin.adapters.lora:LoRA",
+        "full": "sage_finetune_plugin.adapters.full:Full",
+        "freeze": "sage_finetune_plugin.adapters.full:Freeze",
+    },
 )
 
-#: The adapter of every task until configs name one (the adapter kinds are the next step).
+#: The kind of a task whose config names none (every task before ``finetuning_type``).
 DEFAULT = "lora"
 
 
 def adapter_for(config: Any = None) -> Adapter:
-    """The adapter a training config (or a meta's ``training`` dict) uses."""
-    name = config.get("finetuning_type") if isinstance(config, Mapping) else None
+    """The adapter a training config (or a meta's ``training`` dict) uses: its
+    ``finetuning_type``."""
+    if isinstance(config, Mapping):
+        name = config.get("finetuning_type")
+    else:
+        name = getattr(config, "finetuning_type", None)
     return REGISTRY.get(name or DEFAULT)

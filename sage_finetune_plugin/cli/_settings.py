@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import click
 
 from ..config import (
+    FINETUNING_TYPES,
     Flag,
     LoRAConfig,
     TrainingConfig,
@@ -66,6 +67,8 @@ def _option(key: str, flag: Flag) -> Callable[[F], F]:
         kwargs["type"] = click.FloatRange(min=flag.minimum, min_open=flag.open_minimum)
     elif key == "method":
         kwargs["type"] = _MethodChoice()
+    elif key == "finetuning_type":
+        kwargs["type"] = click.Choice(FINETUNING_TYPES)
     if dict in allowed:
         kwargs["multiple"] = flag.multiple
     return click.option(f"--{flag.name}", **kwargs)

@@ -40,7 +40,9 @@ def merge_command(
     force: bool,
     root: Path | None,
 ) -> None:
-    """Merge the LoRA adapter into a full-precision copy of the base model."""
+    """Merge the LoRA adapter into a full-precision copy of the base model.
+
+    A full or freeze task has no adapter: its model folder TASK/model is used as it is."""
     from ..deps import require
 
     require("torch", "transformers", "peft")

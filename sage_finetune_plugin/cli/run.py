@@ -137,12 +137,13 @@ def run_command(
 ) -> None:
     """Train an adapter for TASK (a task name or directory) from its meta file.
 
-    The config is the task's recorded one, then --preset, --config FILE, each --set
-    KEY=VALUE, then the named options. --method dpo|orpo|kto --data FILE adds a preference
-    stage that continues the task's adapter (SFT, then DPO); `sage finetune methods` lists
-    the methods. With --nproc N (and --nnodes,
-    --accelerate-config) the run is data-parallel over N processes per node; rank 0 writes
-    the meta, checkpoints and the adapter, and each rank logs to TASK/logs/rank-<r>.log.
+    --finetuning-type full|freeze trains the model's own weights instead (all of them, or the
+    last layers) and saves a whole model in TASK/model. The config is the task's recorded
+    one, then --preset, --config FILE, each --set KEY=VALUE, then the named options.
+    --method dpo|orpo|kto --data FILE adds a preference stage that continues the task's
+    adapter (SFT, then DPO); `sage finetune methods` lists the methods. With --nproc N (and
+    --nnodes, --accelerate-config) the run is data-parallel over N processes per node; rank 0
+    writes the meta, checkpoints and the adapter, and each rank logs to TASK/logs/rank-<r>.log.
     """
     from ..training.launch import LaunchOptions
 

@@ -22,6 +22,7 @@ COLUMNS = [
     ("LOSS", "train_loss"),
     ("EVAL", "eval"),
     ("TOK/S", "tokens_per_second"),
+    ("KIND", "kind"),
     ("ADAPTER", "adapter"),
     ("MERGED", "merged"),
     ("UPDATED", "updated"),

@@ -14,12 +14,19 @@ CPU; see tests/test_memory.py):
   constants, 8-bit: one byte plus a scale per row) and everything else in fp32, because
   ``prepare_model_for_kbit_training`` upcasts it; on the CPU, the memory-mapped checkpoint
   quantized from stays resident too.
-- LoRA weights, their gradients and the optimizer states, all fp32 (8-bit optimizers: 2 bytes).
+- LoRA weights, their gradients and the optimizer states, all fp32 (8-bit optimizers: 2 bytes);
+  DoRA adds a magnitude per output feature. Full and freeze fine-tuning (the adapter unit's
+  ``trains_base_weights``) add no weights: the trained ones are the model's, held in fp32, with
+  their gradients and optimizer states (the rest stays at the load precision).
 - activations saved for the backward pass, per token and decoder layer: the two RMS norms
   (input and inverse RMS, fp32), attention inputs and output (keys and values repeated to every
   head when a padding mask is passed, plus the mask itself), the gated MLP (3 x intermediate),
-  and for each LoRA layer its dropout mask and output and its rank-sized hidden state. With
-  gradient checkpointing only each layer's input is kept, plus one layer being recomputed.
+  and for each LoRA layer its dropout mask and output and its rank-sized hidden state (DoRA:
+  also its base and low-rank outputs, and each layer's composed weight; full and freeze: each
+  trained layer's input). With
+  gradient checkpointing only each layer's input is kept, plus one layer being recomputed. A
+  freeze run keeps them only for the layers the backward pass runs through (the adapter's
+  ``backward_layers``).
 - logits: supervised runs of the model types training/loss.py supports compute the loss on
   answer tokens in chunks: one chunk of logits (fp32, plus its half-precision copy) and the
   gradient of the hidden states; a right-padded batch then runs without its attention mask.
@@ -140,6 +147,8 @@ class MemoryEstimate:
     #: copy of a continued adapter.
     reference: int = 0
     method: str = "sft"
+    #: What training changes (``finetuning_type``): lora, full or freeze.
+    finetuning_type: str = "lora"
     #: Sequences per sample in one forward pass (a pair's two answers go together).
     sequences_per_sample: int = 1
 
@@ -174,10 +183,13 @@ class MemoryEstimate:
             f"Memory estimate for {self.model_name} on {self.device} ({self.precision}"
             f"{quantized}{checkpointing}), {batch} x {self.seq_len} tokens:",
         ]
+        trainable = f"{self.trainable_parameters / 1e6:,.2f}M trainable"
+        own = self.finetuning_type != "lora"
         labels = {
-            "weights": f"base weights ({self.parameters / 1e6:,.1f}M parameters)",
-            "lora_weights": f"LoRA weights ({self.trainable_parameters / 1e6:,.2f}M trainable)",
-            "gradients": "LoRA gradients",
+            "weights": f"weights ({self.parameters / 1e6:,.1f}M parameters"
+            + (f", {trainable} in fp32)" if own else ")"),
+            "lora_weights": "adapter weights (none)" if own else f"LoRA weights ({trainable})",
+            "gradients": "gradients" if own else "LoRA gradients",
             "optimizer_states": "optimizer states",
             "activations": "activations",
             "logits": "logits and loss",
@@ -232,7 +244,7 @@ def estimate_memory(
     answer_loss = profile.answer_loss and _answer_loss(model_config)
     setting = _Setting.of(config, runtime, seq_len, profile, answer_loss=answer_loss)
     adapted = adapter.adapted_layers(arch.linears, config)
-    trainable = adapter.trainable_parameters(adapted, config)
+    trainable = adapter.trainable_parameters(adapted, config, arch.named_parameters)
     # Bytes per token one decoder layer saves for backward, its adapted layers included.
     layer = _layer_bytes_per_token(arch, setting) + adapter.saved_bytes_per_token(
         adapted,
@@ -241,7 +253,12 @@ def estimate_memory(
         mask_element=setting.mask_element,
         dropout=profile.dropout,
     ) / max(arch.layers, 1)
-    activations = _activations(arch, setting, layer, config)
+    backward = adapter.backward_layers(arch.layers, config)
+    activations = _activations(arch, setting, layer, config, backward)
+    weight_sized = adapter.saved_bytes(adapted, config, element=setting.element)
+    if config.gradient_checkpointing:  # recomputed one layer at a time
+        weight_sized //= max(arch.layers, 1)
+    activations += weight_sized
     if answer_loss:
         logits = _answer_loss_logits(arch, setting)
     else:
@@ -257,8 +274,8 @@ def estimate_memory(
         gradient_checkpointing=config.gradient_checkpointing,
         parameters=arch.parameters,
         trainable_parameters=trainable,
-        weights=_weights(arch, setting, config),
-        lora_weights=trainable * 4,
+        weights=_weights(arch, setting, config, trainable if adapter.trains_base_weights else 0),
+        lora_weights=0 if adapter.trains_base_weights else trainable * 4,
         gradients=trainable * 4,
         optimizer_states=trainable * _optimizer_bytes(runtime.optim),
         activations=activations,
@@ -267,6 +284,7 @@ def estimate_memory(
         reference=reference,
         method=config.method,
         sequences_per_sample=profile.sequences_per_sample,
+        finetuning_type=adapter.name,
     )
 
 
@@ -312,6 +330,7 @@ class _Architecture:
     parameters: int
     stored_element: int  # bytes per parameter in the checkpoint
     linears: tuple[_Linear, ...]  # decoder linear layers (quantizable, LoRA candidates)
+    named_parameters: tuple[tuple[str, int], ...] = ()  # every parameter: (name, size)
 
     @classmethod
     def of(cls, config: PretrainedConfig, trust_remote_code: bool) -> _Architecture:
@@ -337,6 +356,7 @@ class _Architecture:
             intermediate=intermediate,
             gated_mlp=_is_gated(linears, intermediate),
             parameters=sum(p.numel() for p in model.parameters()),
+            named_parameters=tuple((n, p.numel()) for n, p in model.named_parameters()),
             stored_element=4 if str(_stored_dtype(config)).endswith("float32") else 2,
             linears=linears,
         )
@@ -447,9 +467,12 @@ def _quantization_name(config: TrainingConfig) -> str | None:
 # --- the components --------------------------------------------------------------------------
 
 
-def _weights(arch: _Architecture, setting: _Setting, config: TrainingConfig) -> int:
+def _weights(
+    arch: _Architecture, setting: _Setting, config: TrainingConfig, fp32_trained: int = 0
+) -> int:
+    """The model's weights; ``fp32_trained`` of them trained in fp32 (full, freeze)."""
     if config.quantization is None:
-        return arch.parameters * setting.element
+        return (arch.parameters - fp32_trained) * setting.element + fp32_trained * 4
     quantized = sum(layer.in_features * layer.out_features for layer in arch.linears)
     rest = (arch.parameters - quantized) * 4  # upcast to fp32 by prepare_model_for_kbit_training
     # On the CPU the checkpoint quantized from stays memory-mapped: its pages count as resident.
@@ -473,14 +496,20 @@ def _optimizer_bytes(optim: str) -> int:
 
 
 def _activations(
-    arch: _Architecture, setting: _Setting, layer: float, config: TrainingConfig
+    arch: _Architecture,
+    setting: _Setting,
+    layer: float,
+    config: TrainingConfig,
+    backward: int | None = None,
 ) -> int:
-    """Bytes saved for the backward pass at its start (the peak)."""
+    """Bytes saved for the backward pass at its start (the peak), by the ``backward`` layers
+    it runs through (all by default)."""
+    layers = arch.layers if backward is None else backward
     if config.gradient_checkpointing:
         # Each layer keeps its input; the layer being recomputed holds everything once.
-        per_token = arch.layers * arch.hidden * setting.element + layer
+        per_token = layers * arch.hidden * setting.element + layer
     else:
-        per_token = arch.layers * layer
+        per_token = layers * layer
     final_norm = (arch.hidden + 1) * 4
     mask = setting.seq_len if setting.padded else 0  # the boolean attention mask, shared
     workspace = _dequantization_workspace(arch, setting, config)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..adapters import adapter_for
 from ..config import TrainingConfig
-from ..paths import ADAPTER_DIR
 
 if TYPE_CHECKING:
     from transformers import TrainerState
@@ -52,9 +52,10 @@ class TrainResult:
         config = TrainingConfig.from_dict(meta.training or {})
         metrics = dict(meta.metrics or {})
         targets = config.lora.target_modules
+        folder = adapter_for(config).folder
         return cls(
             task_dir,
-            meta.path(task_dir, meta.adapter_path or ADAPTER_DIR) or task_dir / ADAPTER_DIR,
+            meta.path(task_dir, meta.adapter_path or folder) or task_dir / folder,
             metrics,
             config,
             list(targets) if isinstance(targets, list) else [],

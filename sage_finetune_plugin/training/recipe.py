@@ -45,7 +45,6 @@ from ..errors import (
 from ..methods import get_method
 from ..models import quiet_deprecations
 from ..paths import (
-    ADAPTER_DIR,
     BASE_EVAL_CACHE,
     CANCEL_FILE,
     CHECKPOINTS_DIR,
@@ -106,6 +105,8 @@ class LoRATrainer:
         for blocker in self.method.blockers(config):  # a missing TRL, before any model loads
             raise blocker
         self.adapter = adapter_for(config)
+        for blocker in self.adapter.blockers(config):  # what this kind cannot train
+            raise blocker
         task = task_dir if isinstance(task_dir, Task) else None
         if isinstance(task_dir, Task):
             self.task_dir = task_dir.path
@@ -155,7 +156,7 @@ class LoRATrainer:
         if self.config.tracker_artifacts and is_main_process():
             from ..tracking import log_to_task_runs
 
-            files = [self.task_dir / LOSS_PLOT, self.task_dir / ADAPTER_DIR]
+            files = [self.task_dir / LOSS_PLOT, self.task_dir / self.adapter.folder]
             result.notes.extend(log_to_task_runs(Task(self.task_dir), files=files))
         return result
 
@@ -185,6 +186,7 @@ class LoRATrainer:
         self.data = self.prepare_data()
         self.trainer = self.build_trainer(self.model, self.data)
         self._cache_base_evaluation(self.trainer, self.data)
+        self.adapter.configure_trainer(self.trainer, self.config)  # LoRA+: its optimizer
         checkpoint = self._checkpoint_to_resume(resume)
         resumed = _resume_point(checkpoint)  # read now: rotation may delete the checkpoint
         params = run_params(self._config_used(), self.runtime, self.data.stats)
@@ -350,6 +352,7 @@ class LoRATrainer:
             eval_steps=config.save_steps if has_eval else None,
             eval_on_start=has_eval,  # the base model's loss: what fine-tuning gained
             report_to="none",
+            neftune_noise_alpha=config.neftune_noise_alpha,
             seed=config.seed,
             dataloader_num_workers=config.dataloader_num_workers,
             remove_unused_columns=False,
@@ -364,16 +367,17 @@ class LoRATrainer:
             raise ConfigError(f"Invalid training settings: {exc}") from None
 
     def save(self, trainer: Trainer) -> Path:
-        """Save the adapter and the tokenizer to ``<task>/adapter``."""
-        target = self.task_dir / ADAPTER_DIR
+        """Save the adapter (``<task>/adapter``; full and freeze: the model, ``<task>/model``)
+        and the tokenizer."""
+        target = self.task_dir / self.adapter.folder
         self.method.before_save(trainer)
         if not trainer.is_world_process_zero():
             return target
         assert self.tokenizer is not None
         with atomic_directory(target, replace=True) as staging:
-            self.adapter.save(trainer.model, staging)
+            self.adapter.save(trainer.model, staging, self.config, self.tokenizer)
             self.tokenizer.save_pretrained(staging)
-        logger.info("Adapter saved to %s", target)
+        logger.info("%s saved to %s", "Model" if self.adapter.standalone else "Adapter", target)
         return target
 
     # --- helpers ----------------------------------------------------------------------------
