@@ -13,12 +13,14 @@ an existing one is only replaced by a complete new one.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .errors import TaskError
 
@@ -137,6 +139,16 @@ def resolve_task(ref: str, root: str | os.PathLike[str] | None = None) -> Path:
 
 
 # --- atomic writes -----------------------------------------------------------------------------
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; empty when the file is missing, unreadable or not an
+    object (a cache that is rebuilt when damaged)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def atomic_write_text(path: Path, text: str) -> None:

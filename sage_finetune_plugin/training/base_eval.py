@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..paths import atomic_write_text
+from ..paths import atomic_write_text, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def cache_base_evaluation(trainer: Any, path: Path, key: str) -> None:
     def cached_evaluate(*args: Any, **kwargs: Any) -> dict[str, float]:
         if trainer.state.global_step != 0 or args or kwargs.get("eval_dataset") is not None:
             return evaluate(*args, **kwargs)
-        entries = _read(path)
+        entries = read_json_object(path)
         if (metrics := entries.get(key)) is not None:
             logger.info("Evaluation before training from the cache (%s)", path)
             trainer.log(dict(metrics))
@@ -64,14 +64,6 @@ def cache_base_evaluation(trainer: Any, path: Path, key: str) -> None:
         return metrics
 
     trainer.evaluate = cached_evaluate
-
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _fingerprint(path: Path) -> list[Any]:

@@ -27,10 +27,9 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from ..paths import atomic_write_text, cache_dir
+from ..paths import atomic_write_text, cache_dir, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ def cpu_precision(
     threads = threads or torch.get_num_threads()
     key = _machine_key(hidden, intermediate, threads)
     path = cache_dir() / CACHE_FILE
-    verdicts = _read(path)
+    verdicts = read_json_object(path)
     if not refresh and key in verdicts:
         with contextlib.suppress(TypeError):
             return PrecisionProbe(**verdicts[key], cached=True)
@@ -233,14 +232,6 @@ def _machine_key(hidden: int, intermediate: int, threads: int) -> str:
         "probe": PROBE_VERSION,
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 @contextlib.contextmanager
