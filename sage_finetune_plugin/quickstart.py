@@ -252,12 +252,20 @@ def choose_max_length(config: TrainingConfig, stats: DataStats) -> tuple[int, st
 def _fitting_length(config: TrainingConfig, length: int) -> int:
     """``length``, or the longest multiple of ``LENGTH_STEP`` down to the config's own
     max_length whose memory estimate fits this machine (the estimate's model must be found)."""
+    from .models import model_config
     from .training.memory import available_memory, estimate_memory, fits
+    from .training.runtime import measured_hardware
 
-    try:
+    try:  # the model's configuration, the machine and its memory, read once
+        architecture = model_config(config.model_name, trust_remote_code=config.trust_remote_code)
+        hardware = measured_hardware(config)
+        available: int | None = None
         while length > config.max_length:
-            estimate = estimate_memory(config.replace(max_length=length))
-            if fits(estimate, available_memory(estimate.device)):
+            estimate = estimate_memory(
+                config.replace(max_length=length), model_config=architecture, hardware=hardware
+            )
+            available = available or available_memory(estimate.device, hardware)
+            if fits(estimate, available):
                 return length
             length -= LENGTH_STEP
     except FinetuneError:
