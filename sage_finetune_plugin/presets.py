@@ -232,15 +232,26 @@ def choose_preset(
 def apply_preset(config: TrainingConfig, name: str) -> TrainingConfig:
     """The preset's hyperparameters with ``config``'s task-level settings (scope ``TASK``: its
     model, data and objective; ``auto``: the largest preset that fits this machine for that
-    model). A task that trains the model's own weights (``finetuning_type`` full or freeze)
-    keeps them unquantized: a preset's 4- or 8-bit loading is dropped."""
+    model). A max_length of the task's own (chosen from its data by quickstart, or given) is
+    kept, within the new preset's ``longest``. A task that trains the model's own weights
+    (``finetuning_type`` full or freeze) keeps them unquantized: a preset's 4- or 8-bit loading
+    is dropped."""
     if name == "auto":
         name, _ = choose_preset(config.model_name)
     preset = PresetConfigs.get(name)
     kept = {key: getattr(config, key) for key in task_fields()}
+    if config.max_length != _preset_length(config.preset):
+        kept["max_length"] = min(config.max_length, PresetConfigs.INFO[preset.preset].longest)
     if config.finetuning_type != "lora":
         kept.update(load_in_4bit=False, load_in_8bit=False)
     return preset.replace(**kept)
+
+
+def _preset_length(name: str | None) -> int:
+    """The max_length a task of preset ``name`` gets when it does not choose one."""
+    if name is None or name not in PresetConfigs.INFO:
+        return TrainingConfig().max_length
+    return PresetConfigs.get(name).max_length
 
 
 def _preset(name: str, model_name: str | None) -> TrainingConfig:

@@ -318,6 +318,20 @@ def test_a_preset_keeps_every_task_level_setting():
         assert applied.quantization is None  # a freeze task's weights train: never quantized
 
 
+def test_a_preset_keeps_the_tasks_own_max_length_within_its_limit():
+    """quickstart chooses max_length from the data (896 for `make demo`); `run --preset` must
+    not put the preset's default back and truncate what the task was made to keep whole."""
+    from sage_finetune_plugin.presets import apply_preset
+
+    chosen = PresetConfigs.cpu().replace(max_length=896)
+    assert apply_preset(chosen, "cpu").max_length == 896
+    assert apply_preset(chosen, "rtx_3060").max_length == 896
+    assert apply_preset(chosen, "minimal").max_length == 512  # minimal allows up to 512
+    default = PresetConfigs.cpu()  # a task that took its preset's length takes the new one's
+    assert apply_preset(default, "rtx_3060").max_length == PresetConfigs.rtx_3060().max_length
+    assert apply_preset(TrainingConfig(), "cpu").max_length == PresetConfigs.cpu().max_length
+
+
 def test_named_options_come_from_the_metadata():
     from sage_finetune_plugin.config import apply_flags, flags
 
