@@ -317,7 +317,7 @@ class TaskEntry:
 
     def summary(self) -> dict[str, Any]:
         """The row `sage finetune list` shows (and prints with --json). A run in progress
-        shows its live progress: step of max steps, last loss, tokens/s."""
+        shows its live progress: step of max steps, last loss, tokens/s, seconds left."""
         if self.meta is None:
             return {
                 "name": self.name,
@@ -344,6 +344,7 @@ class TaskEntry:
             "tokens_per_second": progress.get(
                 "tokens_per_second", m.metrics.get("tokens_per_second")
             ),
+            "eta_seconds": progress.get("eta_seconds"),
             "kind": task.kind,
             "adapter": bool(m.adapter_path) and task.adapter_dir.exists(),
             "merged": bool(merged and merged.exists()),
