@@ -166,7 +166,10 @@ class UiState:
 
     def task_dir(self, name: str) -> Path:
         """The task called ``name`` directly under the root (a name, never a path)."""
-        validate_task_name(name)
+        try:
+            validate_task_name(name)
+        except TaskError as exc:  # no task can have that name
+            raise NotFound(str(exc)) from None
         path = self.root / name
         if not (path / META_FILENAME).is_file():
             raise NotFound(f"Task {name!r} not found under {self.root}.")
@@ -290,8 +293,8 @@ def create_app(
     async def upload(request: Request, filename: str) -> dict[str, Any]:
         """Store a data file (the raw request body) under the root; its ``path`` is what
         creating a task takes as ``data``."""
-        name = Path(filename).name
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
+        name = filename
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name) or ".." in name:
             raise UsageProblem(
                 f"filename={filename!r} is not a plain file name: use letters, digits, '.', "
                 "'-' and '_'."
@@ -318,7 +321,7 @@ def create_app(
         try:
             result = _quickstart(state, spec, root=scratch, name="preview", force=False)
             return {
-                "samples": result.preview,
+                "preview": result.preview,
                 "stats": result.stats.summary() if result.stats else None,
                 "records": result.records_kept,
                 "max_length": result.config.max_length,
@@ -339,19 +342,23 @@ def create_app(
             remove_tree(uploads / data.relative_to(uploads).parts[0])
         return {
             **state.row(result.task_dir),
-            "samples": result.preview,
+            "preview": result.preview,
             "warnings": result.warnings,
         }
 
     @app.get(f"{api}/tasks/{{name}}", tags=["tasks"])
     def get_task(name: str) -> dict[str, Any]:
         """A task: its row, config, data statistics, stages, eval summary, exports."""
+        from ..data.prepared import DataStats
+
         task = state.task(name)
         meta = task.meta
+        stats = DataStats.from_dict(meta.data_stats) if meta.data_stats.get("format") else None
         return {
             **state.row(task.path),
             "config": meta.training,
             "data_stats": meta.data_stats,
+            "data_summary": stats.summary() if stats else None,
             "stages": meta.stages,
             "metrics": {k: v for k, v in meta.metrics.items() if not k.endswith("history")},
             "eval_summary": meta.eval,

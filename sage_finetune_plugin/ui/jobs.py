@@ -12,6 +12,7 @@ Nothing here imports FastAPI.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -29,6 +30,8 @@ INTERRUPTED = 130
 #: Seconds a run gets to finish its step and save its checkpoint when the server stops.
 RUN_STOP_GRACE = (300.0, 10.0)
 OTHER_STOP_GRACE = (10.0, 5.0)
+#: A progress bar's line in a log (``label:  40%|████  | 8/20 [...]``): left out of the tail.
+_BAR = re.compile(r"\d+%\|")
 
 
 @dataclass
@@ -73,7 +76,7 @@ class Job:
             "exit_code": self.process.poll(),
             "error": self.error(),
             "started": self.started,
-            "log": _tail(self.log)[-20:],
+            "log": [line for line in _tail(self.log) if not _BAR.search(line)][-20:],
         }
 
 

@@ -173,7 +173,7 @@ async function loadDetails(name) {
   if (current !== name) return;
   $("#task-title").textContent = task.name;
   kvTable($("#config"), task.config);
-  kvTable($("#data-stats"), task.data_stats);
+  $("#data-stats").textContent = task.data_summary || "no statistics recorded";
   showProgress(await call("GET", `/tasks/${encodeURIComponent(name)}/progress`));
   call("GET", `/tasks/${encodeURIComponent(name)}/eval`).then(showEval, () => { $("#eval-report").textContent = "No evaluation yet."; });
 }
@@ -315,7 +315,7 @@ $("#preview-btn").addEventListener("click", () => act(async () => {
   $("#new-status").textContent = "rendering ...";
   const preview = await call("POST", "/tasks/preview", await taskSpec());
   $("#new-status").textContent = `${preview.records} records for ${preview.model} (${preview.method}), max_length ${preview.max_length}. ${preview.warnings.join(" ")}`;
-  showSamples(preview.samples);
+  showSamples(preview.preview);
 }).finally(() => { if ($("#new-status").textContent === "rendering ...") $("#new-status").textContent = ""; }));
 
 $("#new-form").addEventListener("submit", (event) => {
@@ -324,7 +324,7 @@ $("#new-form").addEventListener("submit", (event) => {
     $("#new-status").textContent = "creating ...";
     const task = await call("POST", "/tasks", await taskSpec());
     $("#new-status").textContent = "";
-    showSamples(task.samples);
+    showSamples(task.preview);
     location.hash = `#/task/${encodeURIComponent(task.name)}`;
   }).finally(() => { if ($("#new-status").textContent === "creating ...") $("#new-status").textContent = ""; });
 });
