@@ -218,7 +218,7 @@ async function runAction(kind) {
   const steps = $("#run-max-steps").value;
   const actions = {
     run: () => call("POST", `${path}/runs`, steps ? { max_steps: Number(steps) } : {}),
-    resume: () => call("POST", `${path}/runs`, { resume: true }),
+    resume: () => call("POST", `${path}/runs`, steps ? { resume: true, max_steps: Number(steps) } : { resume: true }),
     cancel: () => call("POST", `${path}/runs/cancel`),
     eval: () => call("POST", `${path}/eval`, {}),
     merge: () => call("POST", `${path}/merge`, {}),
