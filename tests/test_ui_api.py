@@ -87,13 +87,13 @@ def test_a_task_from_an_upload_trained_cancelled_evaluated_and_deleted(
     row = server.wait_for_job("demo", "run")
     assert row["job"]["state"] == "interrupted" and row["status"] == "interrupted"
     stopped = load_meta(root / "demo").metrics["global_step"]
-    assert 3 <= stopped < 2000 and (root / "demo" / "checkpoints" / f"checkpoint-{stopped}").is_dir()
+    assert 3 <= stopped < 2000
+    assert (root / "demo" / "checkpoints" / f"checkpoint-{stopped}").is_dir()
     status, cancel = server.request("POST", "/tasks/demo/runs/cancel")
     assert status == 409 and "nothing to cancel" in cancel["error"]
     status, fresh = server.request("POST", "/tasks/demo/runs", {"max_steps": 6})
-    assert status == 400 and "continue with resume=True, or start over with force=True" in (
-        fresh["error"]
-    )
+    assert status == 400
+    assert "continue with resume=True, or start over with force=True" in fresh["error"]
 
     server.ok("POST", "/tasks/demo/runs", {"resume": True, "max_steps": stopped + 2})
     row = server.wait_for_job("demo", "run")

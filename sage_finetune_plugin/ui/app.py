@@ -95,14 +95,16 @@ class TaskSpec(BaseModel):
     data: str = Field(description="Data file or folder, relative to the root (or an upload's)")
     task_type: str = "custom"
     name: str | None = None
-    model: str | None = Field(None, description="Base model: Hub id or local model folder")
+    model: str | None = Field(default=None, description="Base model: Hub id or local model folder")
     preset: str = "auto"
     method: str | None = None
     max_length: int | None = None
     system_prompt: str | None = None
     skip_invalid: bool = False
     force: bool = False
-    preview: int = Field(3, ge=0, le=20, description="Samples to show as the model sees them")
+    preview: int = Field(
+        default=3, ge=0, le=20, description="Samples to show as the model sees them"
+    )
 
 
 class RunSpec(BaseModel):
@@ -111,17 +113,17 @@ class RunSpec(BaseModel):
     resume: bool = False
     force: bool = False
     preset: str | None = None
-    max_steps: int | None = Field(None, ge=1)
-    epochs: float | None = Field(None, gt=0)
-    learning_rate: float | None = Field(None, gt=0)
-    max_length: int | None = Field(None, ge=8)
-    batch_size: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    epochs: float | None = Field(default=None, gt=0)
+    learning_rate: float | None = Field(default=None, gt=0)
+    max_length: int | None = Field(default=None, ge=8)
+    batch_size: int | None = Field(default=None, ge=1)
     settings: list[str] = Field(default_factory=list, description="KEY=VALUE, as --set")
 
 
 class EvalSpec(BaseModel):
-    max_samples: int = Field(100, ge=1)
-    max_new_tokens: int | None = Field(None, ge=1)
+    max_samples: int = Field(default=100, ge=1)
+    max_new_tokens: int | None = Field(default=None, ge=1)
     base_only: bool = False
     no_base: bool = False
 
@@ -148,8 +150,8 @@ class ChatRequest(BaseModel):
     model: str
     messages: list[ChatMessage]
     stream: bool = False
-    max_tokens: int = Field(128, ge=1, le=4096)
-    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(default=128, ge=1, le=4096)
+    temperature: float = Field(default=0.0, ge=0)
 
 
 # --- the application ---------------------------------------------------------------------------
@@ -261,9 +263,7 @@ def create_app(
             f"{'.'.join(str(p) for p in error['loc'][1:]) or 'body'}: {error['msg']}"
             for error in exc.errors()
         ]
-        return JSONResponse(
-            {"error": f"Bad request: {'; '.join(problems)}."}, status_code=422
-        )
+        return JSONResponse({"error": f"Bad request: {'; '.join(problems)}."}, status_code=422)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -525,9 +525,9 @@ def create_app(
             with lock:
                 answer = session.generate(last["content"])
             message = {"role": "assistant", "content": answer}
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
             return {"id": ident, "object": "chat.completion", "created": created,
-                    "model": request.model,
-                    "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}  # fmt: skip
+                    "model": request.model, "choices": [choice]}  # fmt: skip
 
         def stream() -> Iterator[str]:
             pieces: queue.Queue[str | None] = queue.Queue()
