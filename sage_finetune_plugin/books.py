@@ -2,7 +2,8 @@
 
 The training engine (training/recipe.py) trains and reports what happened (a ``TrainOutcome``);
 ``RunBooks`` writes it down: the run lock while the run lasts, the status (training, then
-trained, interrupted or failed), the config as it ran, the live progress that ``list`` shows,
+trained, interrupted or failed), the config as it ran, the live progress that ``list`` shows
+(with the seconds left) and each logged step in ``progress.jsonl`` (the UI's live curve),
 the metrics, the data statistics, the stages of the task (supervised tuning, then a preference
 stage, ...), the loss plot, and the merged model a new adapter makes stale. Only the main
 process of a multi-process run writes, and the launcher holds the lock for all ranks. Imports
@@ -24,7 +25,7 @@ from .checkpoints import latest_checkpoint
 from .errors import FinetuneError, TrainingInterrupted
 from .locks import RunLock
 from .meta import DONE, TaskMeta, TaskStatus, load_meta, meta_path, now_iso, save_meta
-from .paths import CANCEL_FILE, CHECKPOINTS_DIR, LOSS_PLOT, PROGRESS_LOG
+from .paths import CANCEL_FILE, CHECKPOINTS_DIR, LOSS_PLOT, PROGRESS_LOG, atomic_write_text
 from .task import Task
 
 if TYPE_CHECKING:
@@ -150,8 +151,7 @@ class RunBooks:
                 for line in _read_lines(path)
                 if json.loads(line).get("step", 0) <= progress.step
             ]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+            atomic_write_text(path, "".join(f"{line}\n" for line in kept))
             return
         record = {"step": progress.step, "time": round(time.time(), 3), **progress.logs}
         with path.open("a", encoding="utf-8") as handle:
