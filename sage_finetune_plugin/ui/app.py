@@ -289,7 +289,16 @@ def create_app(
             rows.append({**entry.summary(), "job": job.to_dict() if job else None})
         return {"root": str(state.root), "tasks": rows}
 
-    @app.post(f"{api}/uploads", tags=["tasks"], status_code=201)
+    raw_body = {
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+    }
+
+    @app.post(
+        f"{api}/uploads",
+        tags=["tasks"],
+        status_code=201,
+        openapi_extra={"requestBody": {**raw_body, "required": True}},
+    )
     async def upload(request: Request, filename: str) -> dict[str, Any]:
         """Store a data file (the raw request body) under the root; its ``path`` is what
         creating a task takes as ``data``."""
