@@ -15,7 +15,7 @@ import pytest
 
 from sage_finetune_plugin.meta import load_meta
 
-from conftest import write_data
+from conftest import env_without, run_cli, write_data
 from ui_server import UiServer
 
 pytest.importorskip("fastapi")
@@ -192,3 +192,14 @@ def test_stopping_the_server_interrupts_its_run_resumably(
     assert meta.status == "interrupted" and 3 <= stopped < 5000, meta.status
     assert (root / "demo" / "checkpoints" / f"checkpoint-{stopped}").is_dir()
     assert not (root / "demo" / ".lock").exists()
+
+
+def test_without_fastapi_the_command_names_the_ui_extra(tmp_path: Path) -> None:
+    proc = run_cli(
+        "sage-finetune", "ui", "--root", str(tmp_path), env=env_without(tmp_path, "fastapi")
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "Error: Missing package(s): fastapi. Install them with "
+        "`pip install 'sage-finetune-plugin[ui]'`."
+    )

@@ -1,7 +1,8 @@
 """The `sage finetune ui` page in headless Chromium (Selenium, Debian's chromium and
 chromium-driver): the task list, a task created through the form with its preview, a run
 started from the page with its step counter moving and its loss curve drawn, the eval report.
-Screenshots go to ``$SAGE_UI_SCREENSHOTS`` when set (``make screenshots``: docs/img)."""
+Screenshots go to ``$SAGE_UI_SCREENSHOTS`` (relative to the repository) when set (``make
+screenshots``: docs/img)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from conftest import write_data
 from ui_server import UiServer
 
+REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
@@ -57,8 +59,9 @@ def screenshot(driver, tmp_path: Path, name: str) -> None:
     driver.save_screenshot(str(path))
     target = os.environ.get("SAGE_UI_SCREENSHOTS")
     if target:
-        Path(target).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, Path(target) / path.name)
+        folder = REPO / target  # relative: to the repository (tests run in a tmp folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / path.name)
 
 
 def test_the_page_creates_a_task_runs_it_and_draws_the_curve(
