@@ -203,3 +203,17 @@ def test_without_fastapi_the_command_names_the_ui_extra(tmp_path: Path) -> None:
         "Error: Missing package(s): fastapi. Install them with "
         "`pip install 'sage-finetune-plugin[ui]'`."
     )
+
+
+def test_the_page_ships_in_the_wheel() -> None:
+    """Every file of the page matches the package data of pyproject.toml."""
+    import fnmatch
+    import tomllib
+
+    repo = Path(__file__).resolve().parent.parent
+    config = tomllib.loads((repo / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["sage_finetune_plugin.ui"]
+    package = repo / "sage_finetune_plugin" / "ui"
+    files = [p.relative_to(package).as_posix() for p in (package / "static").iterdir()]
+    assert sorted(files) == ["static/app.js", "static/index.html", "static/style.css"]
+    assert all(any(fnmatch.fnmatch(f, pattern) for pattern in patterns) for f in files)

@@ -192,12 +192,9 @@ class UiState:
             raise DataError(f"data={value}: no such file or directory under the root.")
         return path
 
-    def row(self, path: Path) -> dict[str, Any]:
+    def row(self, entry: TaskEntry) -> dict[str, Any]:
         """The task's ``list`` row, with the job this server runs on it."""
-        (entry,) = [e for e in scan_tasks(self.root) if e.path == path] or [
-            TaskEntry(path.name, path, None, "gone")
-        ]
-        job = self.jobs.get(path.name)
+        job = self.jobs.get(entry.name)
         return {**entry.summary(), "job": job.to_dict() if job else None}
 
 
@@ -228,7 +225,6 @@ def create_app(
         redoc_url=None,
         lifespan=lifespan,
     )
-    app.state.ui = state
 
     @app.middleware("http")
     async def require_token(request: Request, call_next: Any) -> Any:
@@ -283,11 +279,7 @@ def create_app(
     def list_tasks() -> dict[str, Any]:
         """Every task under the root: the rows of `sage finetune list --json`, each with the
         job this server runs on it."""
-        rows = []
-        for entry in scan_tasks(state.root):
-            job = state.jobs.get(entry.name)
-            rows.append({**entry.summary(), "job": job.to_dict() if job else None})
-        return {"root": str(state.root), "tasks": rows}
+        return {"root": str(state.root), "tasks": [state.row(e) for e in scan_tasks(state.root)]}
 
     raw_body = {
         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
@@ -350,7 +342,7 @@ def create_app(
         if data.is_relative_to(uploads) and data != uploads:  # the task holds its copy now
             remove_tree(uploads / data.relative_to(uploads).parts[0])
         return {
-            **state.row(result.task_dir),
+            **state.row(TaskEntry.read(result.task_dir)),
             "preview": result.preview,
             "warnings": result.warnings,
         }
@@ -364,7 +356,7 @@ def create_app(
         meta = task.meta
         stats = DataStats.from_dict(meta.data_stats) if meta.data_stats.get("format") else None
         return {
-            **state.row(task.path),
+            **state.row(TaskEntry(task.name, task.path, meta)),
             "config": meta.training,
             "data_stats": meta.data_stats,
             "data_summary": stats.summary() if stats else None,
@@ -622,7 +614,7 @@ def _worker(state: UiState, kind: str, name: str, args: list[str]) -> dict[str, 
 
 def _progress(state: UiState, name: str) -> dict[str, Any]:
     path = state.task_dir(name)
-    return {"task": state.row(path), "history": progress_history(path)}
+    return {"task": state.row(TaskEntry.read(path)), "history": progress_history(path)}
 
 
 def _active(snapshot: dict[str, Any]) -> bool:
