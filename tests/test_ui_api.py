@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -99,6 +100,8 @@ def test_a_task_from_an_upload_trained_cancelled_evaluated_and_deleted(
     row = server.wait_for_job("demo", "run")
     assert row["job"]["state"] == "done", row["job"]
     assert row["status"] == "trained" and row["steps"] == stopped + 2
+    logged = [h["step"] for h in server.ok("GET", "/tasks/demo/progress")["history"] if "loss" in h]
+    assert logged == list(range(1, stopped + 3))  # the resumed run continued the curve
 
     server.ok("POST", "/tasks/demo/eval", {"max_samples": 2, "max_new_tokens": 8})
     row = server.wait_for_job("demo", "eval")
@@ -128,7 +131,17 @@ def test_refusals_upload_size_paths_and_bad_input(root: Path, tmp_path: Path) ->
         data = write_data(tmp_path / "big.jsonl")  # ~5 KiB
         status, body = server.request("POST", "/uploads?filename=big.jsonl", raw=data.read_bytes())
         assert status == 413 and "larger than the limit" in body["error"]
-        assert not any((root / ".uploads").rglob("*.jsonl"))  # nothing half-written left
+        chunked = urllib.request.Request(  # no Content-Length: counted as it streams in
+            f"{server.base}/api/v1/uploads?filename=big.jsonl",
+            data=iter([data.read_bytes()[:512]] * 10),
+            method="POST",
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(chunked, timeout=60)
+        assert refused.value.code == 413
+        assert "larger than the limit" in json.loads(refused.value.read())["error"]
+        uploads = root / ".uploads"
+        assert not uploads.exists() or not any(uploads.iterdir())  # nothing half-written left
 
         outside = write_data(tmp_path / "outside.jsonl")
         for path in (str(outside), "../outside.jsonl"):

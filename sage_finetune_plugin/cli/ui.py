@@ -47,12 +47,14 @@ def ui_command(
     plan = plan_ui(root, host=host, port=port, token=token, max_upload_mb=max_upload_mb)
 
     def ready() -> None:
+        base = plan.url.split("?")[0]
         click.echo(f"Serving the tasks under {plan.root}. Ctrl-C stops it.")
-        click.echo(f"  Page: {plan.url}")
-        click.echo(f"  API:  {plan.url.split('?')[0]}api/v1 (OpenAPI at /api/v1/openapi.json)")
-        if plan.token:
-            origin = "generated" if plan.token_generated else "given"
-            click.echo(f"  Token ({origin}): send `Authorization: Bearer {plan.token}`")
+        click.echo(f"  Page: {plan.url if plan.token_generated else base}")
+        click.echo(f"  API:  {base}api/v1 (OpenAPI at /api/v1/openapi.json)")
+        if plan.token_generated:
+            click.echo(f"  Token (generated): send `Authorization: Bearer {plan.token}`")
+        elif plan.token:
+            click.echo("  Token: the one given with --token, on every request")
 
     run_ui(plan, on_ready=ready)
     status("Server stopped.")

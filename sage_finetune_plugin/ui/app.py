@@ -46,7 +46,6 @@ from ..errors import (
     UsageProblem,
     first_line,
 )
-from ..meta import TaskStatus
 from ..paths import EVAL_DIR, META_FILENAME, atomic_file, remove_tree, validate_task_name
 from ..task import Task, TaskEntry, delete_task, scan_tasks
 from .jobs import Jobs
@@ -306,12 +305,16 @@ def create_app(
             raise TooLarge(_too_large(name, limit))
         folder = state.root / UPLOADS / secrets.token_hex(8)
         size = 0
-        with atomic_file(folder / name) as tmp, tmp.open("wb") as out:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise TooLarge(_too_large(name, limit))
-                out.write(chunk)
+        try:
+            with atomic_file(folder / name) as tmp, tmp.open("wb") as out:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise TooLarge(_too_large(name, limit))
+                    out.write(chunk)
+        except BaseException:
+            remove_tree(folder)
+            raise
         return {"path": str((folder / name).relative_to(state.root)), "bytes": size}
 
     @app.post(f"{api}/tasks/preview", tags=["tasks"])
@@ -606,9 +609,7 @@ def _run_arguments(spec: RunSpec) -> list[str]:
 def _worker(state: UiState, kind: str, name: str, args: list[str]) -> dict[str, Any]:
     """Start `sage finetune KIND TASK ARGS` unless the task trains or is busy (409)."""
     task = state.task(name)
-    task.lock().check()
-    if task.meta.status == TaskStatus.TRAINING and task.run_owner() is not None:
-        raise LockError(f"Task {name!r} is training: wait for the run to end, or cancel it.")
+    task.lock().check()  # a run holds it, also one started from a terminal
     return state.jobs.start(kind, task.path, args).to_dict()
 
 
