@@ -165,7 +165,16 @@ function follow(name) {
   if (events) events.close();
   events = new EventSource(withToken(`${API}/tasks/${encodeURIComponent(name)}/events`));
   events.onmessage = (message) => { if (current === name) showProgress(JSON.parse(message.data)); };
-  events.addEventListener("end", () => { events.close(); events = null; if (current === name) loadDetails(name); });
+  events.addEventListener("end", () => {
+    events.close();
+    events = null;
+    if (current !== name) return;
+    act(async () => {
+      await loadDetails(name);
+      const job = (await call("GET", `/tasks/${encodeURIComponent(name)}/progress`)).task.job;
+      if (job && job.state === "failed") throw new Error(job.error);  // the command's one line
+    });
+  });
 }
 
 async function loadDetails(name) {
