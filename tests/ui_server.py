@@ -31,13 +31,14 @@ class UiServer:
         self.base = f"http://127.0.0.1:{self.port}"
         self.token: str | None = None
         self.log = root.parent / f"ui-server-{self.port}.log"
-        self.process = subprocess.Popen(
-            [str(BIN / "sage-finetune"), "ui", "--root", str(root), "--host", host,
-             "--port", str(self.port), *args],
-            stdout=self.log.open("w"),
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
+        with self.log.open("w") as output:
+            self.process = subprocess.Popen(
+                [str(BIN / "sage-finetune"), "ui", "--root", str(root), "--host", host,
+                 "--port", str(self.port), *args],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )  # fmt: skip
         deadline = time.monotonic() + 120
         while "Ctrl-C stops it" not in self.output():
             assert self.process.poll() is None, f"the server exited:\n{self.output()}"
