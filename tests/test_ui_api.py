@@ -111,6 +111,8 @@ def test_a_task_from_an_upload_trained_cancelled_evaluated_and_deleted(
     assert report["examples"] and report["labels"]["rouge_l"] == "ROUGE-L"
     assert server.ok("GET", "/tasks")["tasks"][0]["eval"]["metric"]
 
+    models = [m["id"] for m in server.ok("GET", "/models")["data"]]
+    assert models == ["demo", "demo:base"]
     answer = server.ok(
         "POST",
         "/chat/completions",

@@ -505,6 +505,19 @@ def create_app(
 
     # --- chat ---
 
+    @app.get(f"{api}/models", tags=["chat"])
+    def models() -> dict[str, Any]:
+        """The models chat can answer from, OpenAI-style: each task with a trained adapter or
+        model (``TASK``) and its base (``TASK:base``)."""
+        data = []
+        for entry in scan_tasks(state.root):
+            row = entry.summary()
+            if row.get("adapter") or row.get("merged"):
+                for ident in (entry.name, f"{entry.name}:base"):
+                    data.append({"id": ident, "object": "model", "owned_by": "sage-finetune",
+                                 "base_model": row["model"], "status": row["status"]})  # fmt: skip
+        return {"object": "list", "data": data}
+
     @app.post(f"{api}/chat/completions", tags=["chat"], response_model=None)
     def chat(request: ChatRequest) -> dict[str, Any] | StreamingResponse:
         """An OpenAI-style chat completion from a task's tuned model (``model``: the task's
