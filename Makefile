@@ -14,7 +14,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test lint clean
+.PHONY: install browser demo test screenshots lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,11 +33,26 @@ demo: install
 	$(BIN)/sage finetune run finetune_output/code
 	$(BIN)/sage finetune chat code --prompt "$(DEMO_PROMPT)"
 
-test: install
+# Chromium and its driver for tests/test_ui_browser.py (Debian's packages): installed when
+# missing, if apt-get is here and we are root. Never fails `make test`: without them the
+# browser test is skipped with its reason.
+browser:
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "Installing chromium and chromium-driver for the browser test ..."; \
+		( apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends chromium chromium-driver ) >/dev/null 2>&1 \
+			|| echo "Could not install chromium: the browser test will be skipped."; \
+	fi
+
+test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+# The screenshots of docs/ui.md, taken by the browser test.
+screenshots: install browser
+	SAGE_UI_SCREENSHOTS=docs/img $(BIN)/python -m pytest -q tests/test_ui_browser.py
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy

@@ -2,7 +2,8 @@
 
 The training engine (training/recipe.py) trains and reports what happened (a ``TrainOutcome``);
 ``RunBooks`` writes it down: the run lock while the run lasts, the status (training, then
-trained, interrupted or failed), the config as it ran, the live progress that ``list`` shows,
+trained, interrupted or failed), the config as it ran, the live progress that ``list`` shows
+(with the seconds left) and each logged step in ``progress.jsonl`` (the UI's live curve),
 the metrics, the data statistics, the stages of the task (supervised tuning, then a preference
 stage, ...), the loss plot, and the merged model a new adapter makes stale. Only the main
 process of a multi-process run writes, and the launcher holds the lock for all ranks. Imports
@@ -12,7 +13,9 @@ nothing heavy (the plot imports matplotlib when it draws).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +25,7 @@ from .checkpoints import latest_checkpoint
 from .errors import FinetuneError, TrainingInterrupted
 from .locks import RunLock
 from .meta import DONE, TaskMeta, TaskStatus, load_meta, meta_path, now_iso, save_meta
-from .paths import CANCEL_FILE, CHECKPOINTS_DIR, LOSS_PLOT
+from .paths import CANCEL_FILE, CHECKPOINTS_DIR, LOSS_PLOT, PROGRESS_LOG, atomic_write_text
 from .task import Task
 
 if TYPE_CHECKING:
@@ -44,6 +47,8 @@ class RunBooks:
         self.forward = forward
         self.notes: list[str] = []
         self.config: TrainingConfig | None = None
+        #: When and at which step this session's training began (for the ETA).
+        self._began: tuple[float, int] | None = None
 
     @property
     def writer(self) -> bool:
@@ -103,7 +108,11 @@ class RunBooks:
                 cancel_file.unlink(missing_ok=True)
 
     def progress(self, progress: RunProgress) -> None:
-        """Record the run's progress in the meta (for `list`) and pass it on."""
+        """Record the run's progress in the meta (for `list`: step, loss, speed, the estimated
+        seconds left) and each logged step in the progress log; pass it on."""
+        if progress.event == "start":
+            self._began = (time.monotonic(), progress.step)
+            self._log_progress(progress)
         if progress.event in ("start", "log"):
             self._update(
                 progress={
@@ -111,13 +120,42 @@ class RunBooks:
                     "max_steps": progress.max_steps,
                     "loss": progress.loss,
                     "tokens_per_second": round(progress.tokens_per_second, 1),
+                    "eta_seconds": self._eta(progress),
                     "updated_at": now_iso(),
                 }
             )
+        if progress.event == "log":
+            self._log_progress(progress)
         if self.forward is not None:
             self.forward(progress)
         elif progress.event == "log":
             logger.info("%s", progress.line())
+
+    def _eta(self, progress: RunProgress) -> float | None:
+        """Seconds left at this session's pace so far (None before its first step)."""
+        if self._began is None or progress.step <= self._began[1]:
+            return None
+        elapsed = time.monotonic() - self._began[0]
+        pace = elapsed / (progress.step - self._began[1])
+        return round(pace * max(progress.max_steps - progress.step, 0), 1)
+
+    def _log_progress(self, progress: RunProgress) -> None:
+        """Append a logged step to the progress log; a run's start drops the lines of later
+        steps (a fresh run: all of them; a resumed one: those after its checkpoint)."""
+        if not self.writer:
+            return
+        path = self.task_dir / PROGRESS_LOG
+        if progress.event == "start":
+            kept = [
+                line
+                for line in _read_lines(path)
+                if json.loads(line).get("step", 0) <= progress.step
+            ]
+            atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+            return
+        record = {"step": progress.step, "time": round(time.time(), 3), **progress.logs}
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
 
     def finish(self, outcome: TrainOutcome) -> TrainResult:
         """Record a finished run; the result the caller gets."""
@@ -297,3 +335,22 @@ class RunBooks:
                 )
             self.task = Task(self.task_dir)
         self.task.update(**changes, model=config.model_name, preset=config.preset)
+
+
+def _read_lines(path: Path) -> list[str]:
+    """The JSON lines of a progress log (none when it is missing; a torn last line dropped)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return []
+    lines = []
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            if isinstance(json.loads(line), dict):
+                lines.append(line)
+    return lines
+
+
+def progress_history(task_dir: Path) -> list[dict[str, Any]]:
+    """The logged steps of the task's run, oldest first (see ``PROGRESS_LOG``)."""
+    return [json.loads(line) for line in _read_lines(Path(task_dir) / PROGRESS_LOG)]

@@ -38,12 +38,13 @@ EXTRAS = {
 }
 
 
-def require(*modules: str) -> None:
+def require(*modules: str, extra: str | None = None) -> None:
     """Raise DependencyError naming every missing package and how to install it: the extra
-    of this package that adds an optional one, pip for the training stack."""
+    of this package that adds an optional one (``extra`` when the command has its own), pip
+    for the training stack."""
     wanted = modules or tuple(TRAINING_STACK)
     missing = [m for m in wanted if not installed(m)]
-    extras = sorted({EXTRAS[m] for m in missing if m in EXTRAS})
+    extras = sorted({extra or EXTRAS[m] for m in missing if m in EXTRAS})
     if extras:
         names = ",".join(extras)
         raise DependencyError(

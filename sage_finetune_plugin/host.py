@@ -23,7 +23,7 @@ from typing import Any
 COMMAND = "finetune"
 HELP = (
     "Fine-tune small language models with LoRA / QLoRA (quickstart, run, list, cancel, "
-    "delete, merge, chat, eval, export, serve, methods, doctor)."
+    "delete, merge, chat, eval, export, serve, ui, methods, doctor)."
 )
 
 

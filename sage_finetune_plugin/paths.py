@@ -38,6 +38,9 @@ ADAPTER_INIT_DIR = "adapter_init"
 MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"
+#: The logged steps of the task's run (one JSON object a line: step, time, what was logged),
+#: for a live loss curve (`sage finetune ui`).
+PROGRESS_LOG = "progress.jsonl"
 #: What `sage finetune eval` writes: report.json, report.md, cached base-model numbers.
 EVAL_DIR = "eval"
 LOSS_PLOT = "loss.png"

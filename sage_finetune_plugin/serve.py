@@ -177,7 +177,7 @@ def run_server(
     interruption, else the engine's exit code. Raises ServeError when the engine exits before
     it was ready (its last line says why)."""
     tail: collections.deque[str] = collections.deque(maxlen=20)
-    with _termination_as_interrupt():
+    with termination_as_interrupt():
         process = subprocess.Popen(
             _with_parent_death_signal(plan.command),
             stdin=subprocess.DEVNULL,
@@ -294,7 +294,7 @@ def _with_parent_death_signal(command: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def _termination_as_interrupt() -> Iterator[None]:
+def termination_as_interrupt() -> Iterator[None]:
     """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt while the server runs, so each stops
     it the way Ctrl-C does, also when SIGINT was ignored at start (a background job of a
     script). Only in the main thread, where signal handlers can be set."""

@@ -315,9 +315,17 @@ class TaskEntry:
     meta: TaskMeta | None
     error: str | None = None
 
+    @classmethod
+    def read(cls, path: Path) -> TaskEntry:
+        """The task at ``path`` with its meta, or broken with the reason it cannot be read."""
+        try:
+            return cls(path.name, path, load_meta(path))
+        except MetaError as exc:
+            return cls(path.name, path, None, str(exc))
+
     def summary(self) -> dict[str, Any]:
         """The row `sage finetune list` shows (and prints with --json). A run in progress
-        shows its live progress: step of max steps, last loss, tokens/s."""
+        shows its live progress: step of max steps, last loss, tokens/s, seconds left."""
         if self.meta is None:
             return {
                 "name": self.name,
@@ -344,6 +352,7 @@ class TaskEntry:
             "tokens_per_second": progress.get(
                 "tokens_per_second", m.metrics.get("tokens_per_second")
             ),
+            "eta_seconds": progress.get("eta_seconds"),
             "kind": task.kind,
             "adapter": bool(m.adapter_path) and task.adapter_dir.exists(),
             "merged": bool(merged and merged.exists()),
@@ -377,12 +386,8 @@ def scan_tasks(root: Path) -> list[TaskEntry]:
     root = Path(root)
     if not root.is_dir():
         return []
-    entries = []
-    for child in sorted(root.iterdir(), key=lambda p: p.name):
-        if not child.is_dir() or child.name.startswith(".") or not (child / META_FILENAME).exists():
-            continue
-        try:
-            entries.append(TaskEntry(child.name, child, load_meta(child)))
-        except MetaError as exc:
-            entries.append(TaskEntry(child.name, child, None, str(exc)))
-    return entries
+    return [
+        TaskEntry.read(child)
+        for child in sorted(root.iterdir(), key=lambda p: p.name)
+        if child.is_dir() and not child.name.startswith(".") and (child / META_FILENAME).exists()
+    ]

@@ -22,6 +22,7 @@ from .quickstart import quickstart_command
 from .run import run_command
 from .serve import serve_command
 from .tasks import cancel_command, delete_command, list_command
+from .ui import ui_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -38,6 +39,7 @@ def finetune() -> None:
       chat code                  talk to the fine-tuned model
       eval code                  compare the fine-tuned model with its base
       export code / serve code   a GGUF for llama.cpp and Ollama / an OpenAI-compatible API
+      ui                         the tasks in a web page (and a REST API) on 127.0.0.1:7860
       cancel / delete code       stop a run from another terminal / remove a task
       methods                    the training methods (sft, dpo, orpo, kto, plugins)
       doctor                     the training stack, the device and the precision here
@@ -55,6 +57,7 @@ for _command in (
     eval_command,
     export_command,
     serve_command,
+    ui_command,
     methods_command,
     doctor_command,
 ):
