@@ -241,7 +241,7 @@ def apply_preset(config: TrainingConfig, name: str) -> TrainingConfig:
     preset = PresetConfigs.get(name)
     kept = {key: getattr(config, key) for key in task_fields()}
     if config.max_length != _preset_length(config.preset):
-        kept["max_length"] = min(config.max_length, PresetConfigs.INFO[preset.preset].longest)
+        kept["max_length"] = min(config.max_length, PresetConfigs.INFO[name].longest)
     if config.finetuning_type != "lora":
         kept.update(load_in_4bit=False, load_in_8bit=False)
     return preset.replace(**kept)
