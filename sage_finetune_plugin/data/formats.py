@@ -3,13 +3,14 @@
 Every record becomes one shape, a "normalized row" (the columns of ``normalized_features``):
 
     kind        "chat" (alpaca, qa, conversation), "completion" (prompt/completion), "text",
-                "pair" (a prompt with a chosen and a rejected answer) or "labelled" (a prompt
-                with one answer marked desirable or not)
+                "pair" (a prompt with a chosen and a rejected answer), "labelled" (a prompt
+                with one answer marked desirable or not) or "prompt" (a prompt alone)
     messages    list of {"role", "content", "extra"} (see ``messages``): the conversation, or
                 for "pair" and "labelled" rows the prompt
     context     the alpaca ``input`` / qa ``context`` that goes with the last user turn ("" if none)
     tools       "" or the JSON list of tools offered to the model (OpenAI function schemas)
     chosen, rejected, completion, label   the answers of "pair" and "labelled" rows
+    extra       "prompt" rows (GRPO): their other columns as a JSON object, for the rewards
     location    where the record came from ("data.jsonl: line 12"), for error messages
 
 The formats are ``FORMAT_SPECS``, in detection order; each training method reads some of them
@@ -33,6 +34,7 @@ from typing import Any
 
 from ..errors import ConfigError, DataError
 from .messages import Invalid, json_type
+from .prompts import canonical_prompt, normalize_prompt, prompt_claim
 from .preference import (
     canonical_preference,
     labelled_claim,
@@ -51,6 +53,11 @@ from .supervised import (
 
 SUPERVISED = "supervised"
 PREFERENCE = "preference"
+PROMPTS = "prompts"
+
+
+def _never(record: Mapping[str, Any]) -> str | None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -153,6 +160,20 @@ FORMAT_SPECS = (
         fields=("text",),
         required=1,
     ),
+    # Only a method that trains on prompts (grpo) reads a bare prompt as one: for the others
+    # it stays a record with no answer (unknown format, with a columns hint).
+    Format(
+        "prompts",
+        _never,
+        "a prompt (a string or messages) and any other columns, which reach the rewards",
+        normalize_prompt,
+        PROMPTS,
+        "rl",
+        misuse="it has no answers to learn from",
+        claim=prompt_claim,
+        fields=("prompt",),
+        required=1,
+    ),
 )
 SPECS_BY_NAME = {spec.name: spec for spec in FORMAT_SPECS}
 FORMATS = tuple(SPECS_BY_NAME)
@@ -167,6 +188,7 @@ ROW_DEFAULTS: dict[str, Any] = {
     "rejected": "",
     "completion": "",
     "label": None,
+    "extra": "",
 }
 
 _FORMAT_ALIASES = {
@@ -270,6 +292,7 @@ def normalized_features() -> Any:
             "rejected": Value("string"),
             "completion": Value("string"),
             "label": Value("bool"),
+            "extra": Value("string"),
             "location": Value("string"),
         }
     )
@@ -601,6 +624,8 @@ def canonical_record(fmt: str, row: Mapping[str, Any]) -> dict[str, Any]:
     """A normalized row in the keys of ``fmt`` (what quickstart writes to data/train.jsonl)."""
     if SPECS_BY_NAME[fmt].family == PREFERENCE:
         return canonical_preference(row)
+    if fmt == "prompts":
+        return canonical_prompt(row)
     messages = message_dicts(row)
     tools = row_tools(row)
     if fmt == "text":
