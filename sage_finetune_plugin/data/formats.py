@@ -92,6 +92,21 @@ def _keys_present(*names: str) -> Callable[[Mapping[str, Any]], str | None]:
 # Detection order matters: preference records hold prompts and conversations too, KTO records
 # prompts and completions, and alpaca exports often carry a rendered "text" column.
 FORMAT_SPECS = (
+    # Only a method that trains on prompts (grpo) reads a bare prompt as one (before the
+    # formats whose fields its other columns may share, such as qa's answer): for the others
+    # it stays a record with no answer (unknown format, with a columns hint).
+    Format(
+        "prompts",
+        _never,
+        "a prompt (a string or messages) and any other columns, which reach the rewards",
+        normalize_prompt,
+        PROMPTS,
+        "rl",
+        misuse="it has no answers to learn from",
+        claim=prompt_claim,
+        fields=("prompt",),
+        required=1,
+    ),
     Format(
         "preference",
         pair_evidence,
@@ -158,20 +173,6 @@ FORMAT_SPECS = (
         SUPERVISED,
         "custom",
         fields=("text",),
-        required=1,
-    ),
-    # Only a method that trains on prompts (grpo) reads a bare prompt as one: for the others
-    # it stays a record with no answer (unknown format, with a columns hint).
-    Format(
-        "prompts",
-        _never,
-        "a prompt (a string or messages) and any other columns, which reach the rewards",
-        normalize_prompt,
-        PROMPTS,
-        "rl",
-        misuse="it has no answers to learn from",
-        claim=prompt_claim,
-        fields=("prompt",),
         required=1,
     ),
 )

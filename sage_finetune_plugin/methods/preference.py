@@ -198,19 +198,14 @@ class PreferenceMethod(Method):
                 eval_dataset=data.eval,
                 processing_class=recipe.tokenizer,
             )
-        peft_model = trainer.accelerator.unwrap_model(trainer.model)
-        if not config.init_adapter and REFERENCE_ADAPTER in getattr(peft_model, "peft_config", {}):
-            # A fresh adapter: TRL copied it as the reference, but disabling it gives the same
-            # model (the base) without the copy.
-            peft_model.delete_adapter(REFERENCE_ADAPTER)
+        if not config.init_adapter:
+            drop_reference_copy(trainer)
         recipe.install_callbacks(trainer)
         return trainer
 
     def before_save(self, trainer: Trainer) -> None:
         """The trained adapter alone is saved, not the frozen reference copy."""
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        if REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
-            model.delete_adapter(REFERENCE_ADAPTER)
+        drop_reference_copy(trainer)
 
     def metrics(self, log_history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """The last reward margin, accuracy and chosen/rejected rewards (train and eval), and
@@ -249,6 +244,15 @@ class PreferenceMethod(Method):
             if metrics.get(key) is not None:
                 rewards.append(f"{label} {metrics[key]:.{digits}f}")
         return [f"Rewards ({self.name}): {', '.join(rewards)}."]
+
+
+def drop_reference_copy(trainer: Trainer) -> None:
+    """Delete the frozen copy of the adapter TRL adds as the reference (``"ref"``): before
+    saving, and for a fresh adapter at once (disabling it gives the same model, the base,
+    without the copy)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
+        model.delete_adapter(REFERENCE_ADAPTER)
 
 
 class PairedMethod(PreferenceMethod):

@@ -4,7 +4,7 @@ Each scores one completion (its text) with the record's columns, in [0, 1]:
 
 - ``exact[=COLUMN]``: 1 when the completion equals the reference (default column ``answer``),
   compared without case, surrounding space and a final full stop.
-- ``f1[=COLUMN]``: the token F1 of the completion against the reference (SQuAD's measure).
+- ``f1[=COLUMN]``: the token F1 of the completion against the reference (as ``eval``).
 - ``regex=PATTERN``: 1 when the pattern is found in the completion (``re.search``; anchor it
   with ``^...$`` or ``\\Z`` to hold the whole completion).
 - ``length=MIN-MAX``: 1 when the completion has MIN to MAX characters, falling linearly to 0
@@ -26,8 +26,6 @@ from __future__ import annotations
 import ast
 import json
 import re
-import string
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -91,23 +89,9 @@ def exact(completions: Sequence[str], columns: Mapping[str, Sequence[Any]], arg:
     ]
 
 
-def _tokens(text: str) -> list[str]:
-    text = "".join(ch for ch in text.casefold() if ch not in string.punctuation)
-    return [t for t in text.split() if t not in ("a", "an", "the")]
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    predicted, wanted = _tokens(prediction), _tokens(reference)
-    common = sum((Counter(predicted) & Counter(wanted)).values())
-    if not predicted or not wanted:
-        return float(predicted == wanted)
-    if not common:
-        return 0.0
-    precision, recall = common / len(predicted), common / len(wanted)
-    return 2 * precision * recall / (precision + recall)
-
-
 def f1(completions: Sequence[str], columns: Mapping[str, Sequence[Any]], arg: str | None):
+    from ..scoring.metrics import token_f1
+
     references = _column(columns, arg or "answer", "f1")
     return [token_f1(c, str(r)) for c, r in zip(completions, references, strict=True)]
 
