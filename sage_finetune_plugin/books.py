@@ -111,6 +111,8 @@ class RunBooks:
                     "max_steps": progress.max_steps,
                     "loss": progress.loss,
                     "tokens_per_second": round(progress.tokens_per_second, 1),
+                    "reward": progress.reward,
+                    "rewards": progress.rewards() or None,
                     "updated_at": now_iso(),
                 }
             )

@@ -407,8 +407,7 @@ class TrainingConfig:
         flag=Flag("reward-weights", commands=("run", "quickstart"), metavar="W,W,..."),
     )
     grpo_num_generations: int = setting(
-        "grpo: completions sampled per prompt (the group whose rewards are compared; at "
-        "least 2).",
+        "grpo: completions sampled per prompt (the group whose rewards are compared; at least 2).",
         default=4,
     )
     grpo_max_completion_length: int = setting(
@@ -859,7 +858,9 @@ def parse_weights(text: str) -> list[float]:
     except ValueError:
         weights = []
     if not weights or not all(math.isfinite(w) for w in weights):
-        raise ConfigError(f"reward_weights takes numbers separated by commas (1,0.5), got {text!r}.")
+        raise ConfigError(
+            f"reward_weights takes numbers separated by commas (1,0.5), got {text!r}."
+        )
     return weights
 
 

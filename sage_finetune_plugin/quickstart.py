@@ -75,9 +75,7 @@ TASK_TYPES: dict[str, TaskType] = {
     "preference": TaskType(
         ("preference", "kto"), "chosen/rejected pairs or KTO records", method="dpo"
     ),
-    "rl": TaskType(
-        ("prompts",), "prompts, scored by reward functions (--reward)", method="grpo"
-    ),
+    "rl": TaskType(("prompts",), "prompts, scored by reward functions (--reward)", method="grpo"),
 }
 #: The task type of preference data.
 PREFERENCE_TASK = "preference"

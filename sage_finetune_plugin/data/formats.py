@@ -34,7 +34,6 @@ from typing import Any
 
 from ..errors import ConfigError, DataError
 from .messages import Invalid, json_type
-from .prompts import canonical_prompt, normalize_prompt, prompt_claim
 from .preference import (
     canonical_preference,
     labelled_claim,
@@ -43,6 +42,7 @@ from .preference import (
     normalize_pair,
     pair_evidence,
 )
+from .prompts import canonical_prompt, normalize_prompt, prompt_claim
 from .supervised import (
     normalize_alpaca,
     normalize_conversation,

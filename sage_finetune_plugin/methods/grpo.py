@@ -176,8 +176,7 @@ class GRPO(Method):
     def preview(self, renderer: Renderer, rows: Sequence[Mapping[str, Any]]) -> list[Preview]:
         """The prompt as the model sees it; the model writes the rest."""
         return [
-            [(_prompt_text(renderer, row), False), ("<sampled, then scored>", True)]
-            for row in rows
+            [(_prompt_text(renderer, row), False), ("<sampled, then scored>", True)] for row in rows
         ]
 
     # --- training -----------------------------------------------------------------------------

@@ -108,7 +108,9 @@ def _band(text: str) -> tuple[int, int]:
     except ValueError:
         band = (-1, -1)
     if not sep or band[0] < 0 or band[1] < band[0] or band[1] == 0:
-        raise RewardError(f"builtin:length takes MIN-MAX characters (e.g. length=20-200), got {text!r}.")
+        raise RewardError(
+            f"builtin:length takes MIN-MAX characters (e.g. length=20-200), got {text!r}."
+        )
     return band
 
 

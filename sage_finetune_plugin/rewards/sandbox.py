@@ -3,11 +3,11 @@
 ``run_code(code, tests)`` writes both into a fresh temporary directory and runs them with
 ``sys.executable -I`` in a child process: its own session (killed whole at the end), a
 minimal environment, resource limits set before it starts (CPU seconds, address space, file
-size, open files) and a wall-clock timeout. The tests pass when the child exits with status 0
-after they ran to their end (code that calls ``os._exit(0)`` early does not pass). Before the user's code runs, an audit hook
-refuses network use (``socket.*`` events), starting processes (``subprocess.Popen``,
-``os.system``, ``os.exec*``, ``os.posix_spawn``, ``os.fork``) and opening files for writing
-outside the temporary directory.
+size, open files) and a wall-clock timeout. The tests pass when the child exits with status
+0 after they ran to their end (code that calls ``os._exit(0)`` early does not pass). Before
+the user's code runs, an audit hook refuses network use (``socket.*`` events), starting
+processes (``subprocess.Popen``, ``os.system``, ``os.exec*``, ``os.posix_spawn``,
+``os.fork``) and opening files for writing outside the temporary directory.
 
 What this does not protect against (docs/rl.md says so too): it is not a security boundary.
 The child runs as the same user, can read whatever that user can read, and audit hooks can be
@@ -17,12 +17,14 @@ and accidents, not an attacker. Run untrusted code's rewards in a container or a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +36,7 @@ OPEN_FILES = 64
 
 #: Installed in the child before the user's code: no network, no processes, no writes outside
 #: its directory. ``sys.exit`` and a failed assert end the run with a status, as tests do.
-_RUNNER = r'''
+_RUNNER = r"""
 import os, sys
 _home = os.path.realpath(os.getcwd())
 _blocked = ("socket.", "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn",
@@ -58,7 +60,7 @@ _token = sys.argv.pop().encode()
 sys.addaudithook(_guard)
 del _guard
 _main(_token)
-'''
+"""
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ def run_code(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_limits(timeout, memory),  # noqa: PLW1509 (no threads are started here)
+            preexec_fn=_limits(timeout, memory),
         )
         try:
             output, _ = process.communicate(timeout=timeout)
@@ -111,7 +113,7 @@ def run_code(
         return CodeRun(status == 0 and ran, status, timed_out, text.removesuffix(token)[-2000:])
 
 
-def _limits(timeout: float, memory: int):  # type: ignore[no-untyped-def]
+def _limits(timeout: float, memory: int) -> Callable[[], None]:
     def apply() -> None:
         import resource
 
@@ -130,13 +132,9 @@ def _limits(timeout: float, memory: int):  # type: ignore[no-untyped-def]
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:
     """End the child and anything it left in its session."""
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
     if process.stdout is not None:
         process.stdout.close()

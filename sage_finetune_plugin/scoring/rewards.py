@@ -124,7 +124,11 @@ def mean_rewards(scores: Mapping[str, Sequence[float]], weights: Sequence[float]
     weights = list(weights or [1.0] * len(names))
     count = len(next(iter(scores.values()), []))
     totals = [
-        sum(w * scores[n][i] for n, w in zip(names, weights, strict=True) if not math.isnan(scores[n][i]))
+        sum(
+            w * scores[n][i]
+            for n, w in zip(names, weights, strict=True)
+            if not math.isnan(scores[n][i])
+        )
         for i in range(count)
     ]
     return {"reward": mean(totals), "rewards": {n: mean(scores[n]) for n in names}}
