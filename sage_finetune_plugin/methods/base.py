@@ -6,7 +6,8 @@ and how a normalized record becomes a sample (``render``, ``finish``, ``collator
 what stops a run (``fit``, ``validate``, ``blockers``), its dry-run lines and check
 (``describe``, ``rehearse``), its memory profile (``memory``, ``memory_profile``), the
 metrics it records (``metrics``, ``stage_metrics``, ``result_lines``) and the trainer it
-builds (``build_trainer``, ``before_save``). The data pipeline, the recipe, the memory estimate and the run service ask the config's method and never test its name.
+builds (``build_trainer``, ``before_save``). The data pipeline, the recipe, the memory
+estimate and the run service ask the config's method and never test its name.
 
 A third-party method subclasses ``Method`` (or a built-in one, such as ``methods.sft.SFT``)
 and registers it in the entry-point group ``sage_finetune.methods``::
