@@ -204,7 +204,21 @@ class GRPO(Method):
         config = recipe.config
         rewards = load_rewards(config.rewards)
         check_on_model(model, recipe.tokenizer, config, rewards, data.train)
-        trainer = GRPOTrainer(
+
+        class CountingGRPOTrainer(GRPOTrainer):
+            """GRPO's batches hold prompt_ and completion_ inputs, not input_ids: count their
+            tokens for the tokens/s figure."""
+
+            def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+                import torch
+
+                masks = [inputs[k] for k in ("prompt_mask", "completion_mask") if k in inputs]
+                tokens = torch.as_tensor(sum(int(m.sum()) for m in masks), device=self.args.device)
+                self.state.num_input_tokens_seen += int(
+                    self.accelerator.gather(tokens).sum().item()
+                )
+
+        trainer = CountingGRPOTrainer(
             model=model,
             reward_funcs=rewards,
             args=recipe.training_arguments(data, GRPOConfig, **self.trainer_settings(config)),

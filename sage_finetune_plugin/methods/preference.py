@@ -61,7 +61,7 @@ class PreferenceMethod(Method):
 
     def describe(self, config: TrainingConfig) -> list[str]:
         lines = [f"Method: {self.name} (TRL {self.trainer_name}, {self.settings_line(config)})"]
-        if not self.memory.reference:
+        if not self.memory_profile(config).reference:
             return [*lines, f"Reference model: none ({self.title} is reference-free)"]
         reference = (
             "the adapter as it is before this stage, kept frozen as a second LoRA adapter on "
@@ -176,6 +176,11 @@ class PreferenceMethod(Method):
         """TRL's trainer and its config class."""
         raise NotImplementedError
 
+    def trainer_classes_for(self, config: TrainingConfig) -> tuple[type, type]:
+        """TRL's trainer and config class for ``config`` (by default ``trainer_classes``; DPO
+        trains the reference-free losses with TRL's CPO)."""
+        return self.trainer_classes()
+
     def trainer_settings(self, config: TrainingConfig) -> dict[str, Any]:
         """The method's fields of TRL's config class."""
         return {"beta": config.pref_beta}
@@ -184,7 +189,7 @@ class PreferenceMethod(Method):
         from ..data.preparation import quiet_progress
 
         config = recipe.config
-        trainer_class, arguments_class = self.trainer_classes()
+        trainer_class, arguments_class = self.trainer_classes_for(config)
         extra = {
             "max_length": config.max_length,
             "group_by_length": False,  # the rows are text: TRL tokenizes them
@@ -244,6 +249,22 @@ class PreferenceMethod(Method):
             if metrics.get(key) is not None:
                 rewards.append(f"{label} {metrics[key]:.{digits}f}")
         return [f"Rewards ({self.name}): {', '.join(rewards)}."]
+
+
+def counting_pairs(trainer_class: type) -> type:
+    """``trainer_class`` (ORPO's, CPO's) counting the tokens of its batches, which hold
+    chosen_ and rejected_ inputs rather than input_ids, for the tokens/s figure."""
+
+    class Counting(trainer_class):
+        def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+            import torch
+
+            masks = [inputs[k] for k in ("chosen_attention_mask", "rejected_attention_mask")]
+            tokens = torch.as_tensor(sum(int(m.sum()) for m in masks), device=self.args.device)
+            self.state.num_input_tokens_seen += int(self.accelerator.gather(tokens).sum().item())
+
+    Counting.__name__ = f"Counting{trainer_class.__name__}"
+    return Counting
 
 
 def drop_reference_copy(trainer: Trainer) -> None:
