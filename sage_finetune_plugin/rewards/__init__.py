@@ -172,8 +172,8 @@ def load_rewards(specs: Sequence[str]) -> list[Reward]:
     that cannot be used."""
     if not specs:
         raise RewardError(
-            "GRPO needs at least one reward: rewards=['builtin:NAME'] or "
-            "['FILE.py:FUNCTION'] (docs/rl.md lists the built-ins)."
+            "GRPO needs at least one reward: name one as builtin:NAME[=ARGUMENT] or "
+            "FILE.py:FUNCTION in the task's rewards (docs/rl.md lists the built-ins)."
         )
     rewards = [_load(spec.strip()) for spec in specs]
     seen: dict[str, int] = {}
