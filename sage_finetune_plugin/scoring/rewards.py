@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .inference import generate_answers
+from .inference import Answer, generate_answers
 
 if TYPE_CHECKING:
     from ..config import TrainingConfig
@@ -38,22 +38,22 @@ def complete(
     *,
     max_new_tokens: int,
     temperature: float | None = None,
-) -> list[str]:
+    batch_size: int = BATCH,
+) -> list[Answer]:
     """One completion per row's prompt (greedy, or sampled at ``temperature``), tokenized as
     TRL does (the tokenizer adds the BOS)."""
     from ..templates import stop_token_ids
 
     ids = [tokenizer(row["prompt"])["input_ids"] for row in rows]
-    answers = generate_answers(
+    return generate_answers(
         model,
         tokenizer,
         ids,
         stop_ids=stop_token_ids(tokenizer, model.generation_config),
         max_new_tokens=max_new_tokens,
-        batch_size=BATCH,
+        batch_size=batch_size,
         temperature=temperature,
     )
-    return [answer.text for answer in answers]
 
 
 def check_on_model(
@@ -77,7 +77,7 @@ def check_on_model(
             )
     finally:
         model.train(was_training)
-    score(rewards, group, completions)
+    score(rewards, group, [answer.text for answer in completions])
 
 
 def sample_and_score(
@@ -109,21 +109,19 @@ def sample_and_score(
         max_new_tokens=config.grpo_max_completion_length,
         temperature=config.grpo_temperature,
     )
-    return score(rewards, group, completions), len(completions)
+    return score(rewards, group, [answer.text for answer in completions]), len(completions)
 
 
-def mean_rewards(scores: Mapping[str, Sequence[float]], weights: Sequence[float] | None) -> dict:
-    """The mean of each reward and of their weighted sum (``reward``), NaN ignored."""
+def mean_rewards(
+    scores: Mapping[str, Sequence[float]], weights: Sequence[float] | None
+) -> list[float]:
+    """Each completion's weighted sum of its rewards (TRL's sum, a NaN reward left out)."""
     import math
-
-    def mean(values: Sequence[float]) -> float | None:
-        finite = [v for v in values if not math.isnan(v)]
-        return sum(finite) / len(finite) if finite else None
 
     names = list(scores)
     weights = list(weights or [1.0] * len(names))
     count = len(next(iter(scores.values()), []))
-    totals = [
+    return [
         sum(
             w * scores[n][i]
             for n, w in zip(names, weights, strict=True)
@@ -131,4 +129,3 @@ def mean_rewards(scores: Mapping[str, Sequence[float]], weights: Sequence[float]
         )
         for i in range(count)
     ]
-    return {"reward": mean(totals), "rewards": {n: mean(scores[n]) for n in names}}
