@@ -287,6 +287,15 @@ def test_grpo_trains_with_a_reward_file_and_a_built_in(
     adapter = task_dir / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "ref").exists()
 
+    evaluated = invoke("eval", "capitals", "--root", str(root))
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "rewards of the answers to 1 prompts" in evaluated.output
+    for row in ("mean reward (weighted)", "reward brevity", "reward exact"):
+        assert row in evaluated.output
+    report = json.loads((task_dir / "eval" / "report.json").read_text())
+    assert set(report["tuned"]) >= {"reward", "reward/brevity", "reward/exact"}
+    assert report["base"]["reward"] is not None and load_meta(task_dir).eval["metric"] == "reward"
+
     listing = invoke("list", "--root", str(root))
     header, row = listing.output.splitlines()[:2]
     assert "REWARD" in header and "(brevity " in row and "exact " in row
