@@ -12,13 +12,11 @@ those it has.
 
 from __future__ import annotations
 
-import dataclasses
-import re
 import warnings
 from typing import TYPE_CHECKING, Any
 
 from ..training.memory import MemoryProfile
-from .preference import PairedMethod, counting_pairs
+from .preference import PairedMethod, counting, trl_loss_types
 
 if TYPE_CHECKING:
     from ..config import TrainingConfig
@@ -82,7 +80,7 @@ class DPO(PairedMethod):
             warnings.simplefilter("ignore")
             from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-        return counting_pairs(CPOTrainer), CPOConfig
+        return counting(CPOTrainer), CPOConfig
 
     def trainer_settings(self, config: TrainingConfig) -> dict[str, Any]:
         settings: dict[str, Any] = {"beta": config.pref_beta}
@@ -98,12 +96,7 @@ class DPO(PairedMethod):
 
 
 def loss_types() -> list[str]:
-    """The loss types of the installed TRL's DPOConfig, from its own help text."""
+    """The loss types of the installed TRL's DPOConfig."""
     from trl import DPOConfig
 
-    for f in dataclasses.fields(DPOConfig):
-        if f.name == "loss_type":
-            text = str(f.metadata.get("help", ""))
-            first = text.split("Possible values are", 1)[-1].split(". ", 1)[0]
-            return re.findall(r"'(\w+)'", first)
-    return []
+    return trl_loss_types(DPOConfig, "Possible values are")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..training.memory import MemoryProfile
 from .base import STAT_COLUMNS, Method, Preview
-from .preference import drop_reference_copy
+from .preference import counting, drop_reference_copy, trl_loss_types
 
 if TYPE_CHECKING:
     from datasets import Features
@@ -205,20 +205,7 @@ class GRPO(Method):
         rewards = load_rewards(config.rewards)
         check_on_model(model, recipe.tokenizer, config, rewards, data.train)
 
-        class CountingGRPOTrainer(GRPOTrainer):
-            """GRPO's batches hold prompt_ and completion_ inputs, not input_ids: count their
-            tokens for the tokens/s figure."""
-
-            def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
-                import torch
-
-                masks = [inputs[k] for k in ("prompt_mask", "completion_mask") if k in inputs]
-                tokens = torch.as_tensor(sum(int(m.sum()) for m in masks), device=self.args.device)
-                self.state.num_input_tokens_seen += int(
-                    self.accelerator.gather(tokens).sum().item()
-                )
-
-        trainer = CountingGRPOTrainer(
+        trainer = counting(GRPOTrainer, ("prompt_mask", "completion_mask"))(
             model=model,
             reward_funcs=rewards,
             args=recipe.training_arguments(data, GRPOConfig, **self.trainer_settings(config)),
@@ -296,17 +283,10 @@ def reward_summary(metrics: Mapping[str, Any], prefix: str = "") -> str:
 
 
 def loss_types() -> list[str]:
-    """The loss types of the installed TRL's GRPOConfig, from its own help text."""
-    import dataclasses
-
+    """The loss types of the installed TRL's GRPOConfig."""
     from trl import GRPOConfig
 
-    for f in dataclasses.fields(GRPOConfig):
-        if f.name == "loss_type":
-            help_text = str(f.metadata.get("help", ""))
-            first = help_text.split("Supported values are", 1)[-1].split(". ", 1)[0]
-            return re.findall(r"'(\w+)'", first)
-    return []
+    return trl_loss_types(GRPOConfig, "Supported values are")
 
 
 def _prompt_text(renderer: Renderer, row: Mapping[str, Any]) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING
 
-from .preference import PairedMethod, counting_pairs
+from .preference import PairedMethod, counting
 
 if TYPE_CHECKING:
     from ..config import TrainingConfig
@@ -29,4 +29,4 @@ class ORPO(PairedMethod):
             warnings.simplefilter("ignore")
             from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-        return counting_pairs(ORPOTrainer), ORPOConfig
+        return counting(ORPOTrainer), ORPOConfig

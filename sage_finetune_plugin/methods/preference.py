@@ -19,6 +19,7 @@ refused in one line without it (``blockers``) and TRL is imported when the train
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -45,6 +46,8 @@ REWARD_METRICS = {
 #: Name of the frozen copy of a continued adapter that TRL adds as the reference.
 REFERENCE_ADAPTER = "ref"
 PAIRS = "pairs of a prompt with a chosen and a rejected answer"
+#: The attention masks of a paired batch (ORPO, CPO), whose tokens are counted.
+PAIR_MASKS = ("chosen_attention_mask", "rejected_attention_mask")
 
 
 class PreferenceMethod(Method):
@@ -251,20 +254,32 @@ class PreferenceMethod(Method):
         return [f"Rewards ({self.name}): {', '.join(rewards)}."]
 
 
-def counting_pairs(trainer_class: type) -> type:
-    """``trainer_class`` (ORPO's, CPO's) counting the tokens of its batches, which hold
-    chosen_ and rejected_ inputs rather than input_ids, for the tokens/s figure."""
+def counting(trainer_class: type, masks: tuple[str, ...] = PAIR_MASKS) -> type:
+    """``trainer_class`` (ORPO's, CPO's, GRPO's) counting the tokens of its batches, whose
+    inputs are not ``input_ids`` but the attention ``masks`` named, for the tokens/s figure."""
 
     class Counting(trainer_class):
         def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
             import torch
 
-            masks = [inputs[k] for k in ("chosen_attention_mask", "rejected_attention_mask")]
-            tokens = torch.as_tensor(sum(int(m.sum()) for m in masks), device=self.args.device)
+            found = [inputs[k] for k in masks if k in inputs]
+            tokens = torch.as_tensor(sum(int(m.sum()) for m in found), device=self.args.device)
             self.state.num_input_tokens_seen += int(self.accelerator.gather(tokens).sum().item())
 
     Counting.__name__ = f"Counting{trainer_class.__name__}"
     return Counting
+
+
+def trl_loss_types(arguments_class: type, lead: str) -> list[str]:
+    """The loss types a TRL config class offers, read from its ``loss_type`` help text (the
+    quoted names of the sentence that starts with ``lead``)."""
+    import dataclasses
+
+    for f in dataclasses.fields(arguments_class):
+        if f.name == "loss_type":
+            text = str(f.metadata.get("help", ""))
+            return re.findall(r"'(\w+)'", text.split(lead, 1)[-1].split(". ", 1)[0])
+    return []
 
 
 def drop_reference_copy(trainer: Trainer) -> None:
