@@ -28,7 +28,7 @@ pytestmark = [
 ]
 
 REWARDS = ["builtin:length=1-20"]
-STEPS = 16
+STEPS = 12
 
 
 def test_grpo_teaches_short_finished_answers(tmp_path: Path) -> None:
@@ -57,6 +57,7 @@ def test_grpo_teaches_short_finished_answers(tmp_path: Path) -> None:
         learning_rate=1e-3,
         warmup_ratio=0.0,
         logging_steps=2,
+        gradient_checkpointing=False,
         eval_ratio=0.0,
         report_to="none",
         num_threads=2,
