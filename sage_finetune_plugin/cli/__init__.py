@@ -39,7 +39,7 @@ def finetune() -> None:
       eval code                  compare the fine-tuned model with its base
       export code / serve code   a GGUF for llama.cpp and Ollama / an OpenAI-compatible API
       cancel / delete code       stop a run from another terminal / remove a task
-      methods                    the training methods (sft, dpo, orpo, kto, plugins)
+      methods                    the training methods (sft, dpo, orpo, kto, grpo, plugins)
       doctor                     the training stack, the device and the precision here
     """
 
