@@ -54,7 +54,7 @@ def test_grpo_teaches_short_finished_answers(tmp_path: Path) -> None:
         grpo_max_completion_length=24,
         per_device_train_batch_size=4,
         gradient_accumulation_steps=1,
-        learning_rate=1e-3,
+        learning_rate=2e-3,
         warmup_ratio=0.0,
         logging_steps=2,
         gradient_checkpointing=False,

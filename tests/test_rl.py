@@ -21,6 +21,7 @@ from sage_finetune_plugin.meta import load_meta
 from sage_finetune_plugin.quickstart import quickstart
 from sage_finetune_plugin.rewards import load_rewards
 from sage_finetune_plugin.rewards.sandbox import run_code
+from sage_finetune_plugin.runs import train_from_meta
 from sage_finetune_plugin.training.memory import estimate_memory
 
 CAPITALS = {
@@ -408,3 +409,14 @@ def test_simpo_through_set_trains_without_a_reference(tiny_model_dir: Path, tmp_
     (line,) = [line for line in wrong.output.splitlines() if line.startswith("Error:")]
     assert "pref_loss 'nope' is not a loss of the installed TRL: choose sigmoid, hinge, ipo" in line
     assert line.endswith("or simpo or cpo (reference-free).")
+
+
+def test_grpo_trains_the_model_s_own_weights_too(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """freeze (the last layers; full works alike): with a KL term, TRL's own reference copy."""
+    task_dir = rl_task(
+        tmp_path / "root", tiny_model_dir, ["builtin:length=1-20"], max_steps=1,
+        finetuning_type="freeze", grpo_beta=0.1,
+    )  # fmt: skip
+    result = train_from_meta(task_dir)
+    assert result.global_step == 1 and result.metrics["kl"] is not None
+    assert (task_dir / "model" / "model.safetensors").is_file()
