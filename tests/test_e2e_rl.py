@@ -3,9 +3,10 @@
 The prompts are the questions of tests/test_e2e_preference.py; the reward is the built-in
 ``builtin:length=1-20`` (1 for an answer of 1 to 20 characters, falling linearly to 0 at 40
 and at 0 characters). The base model answers in sentences ("The capital of France is
-Paris."), so its completions get middling and varied rewards: the signal GRPO learns from. The task is made with `quickstart rl` (cpu preset),
-trained for a few dozen steps, and the tuned and the base model answer held-out questions
-(`eval` on a file of other questions), their mean reward compared. The figures are printed
+Paris."), so its completions get low and varied rewards: the signal GRPO learns from. The
+task is made with `quickstart rl` (cpu preset), trained for 12 steps of one prompt's group of
+4 completions, and the tuned and the base model answer held-out questions (`eval` on a file
+of other questions), their mean reward compared. The figures are printed
 (run with ``-s``) and stated in docs/rl.md.
 """
 
