@@ -32,7 +32,7 @@ REWARDS = ["builtin:length=1-20"]
 STEPS = 12
 
 
-def test_grpo_teaches_short_finished_answers(tmp_path: Path) -> None:
+def test_grpo_teaches_terse_answers(tmp_path: Path) -> None:
     from sage_finetune_plugin.evaluation import evaluate_task
     from sage_finetune_plugin.quickstart import quickstart
     from sage_finetune_plugin.runs import train_from_meta
