@@ -411,12 +411,21 @@ def test_simpo_through_set_trains_without_a_reference(tiny_model_dir: Path, tmp_
     assert line.endswith("or simpo or cpo (reference-free).")
 
 
-def test_grpo_trains_the_model_s_own_weights_too(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """freeze (the last layers; full works alike): with a KL term, TRL's own reference copy."""
-    task_dir = rl_task(
-        tmp_path / "root", tiny_model_dir, ["builtin:length=1-20"], max_steps=1,
-        finetuning_type="freeze", grpo_beta=0.1,
-    )  # fmt: skip
+@pytest.mark.parametrize(
+    ("kind", "saved"),
+    [
+        ({"finetuning_type": "freeze", "grpo_beta": 0.1}, "model/model.safetensors"),
+        ({"load_in_4bit": True}, "adapter/adapter_model.safetensors"),
+    ],
+    ids=["freeze-with-kl", "qlora"],
+)
+def test_grpo_trains_other_adapter_kinds(
+    kind: dict, saved: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """freeze (the model's own weights; full works alike), with a KL term against TRL's own
+    reference copy; QLoRA (4-bit base, bitsandbytes on the CPU)."""
+    rewards = ["builtin:length=1-20"]
+    task_dir = rl_task(tmp_path / "root", tiny_model_dir, rewards, max_steps=1, **kind)
     result = train_from_meta(task_dir)
-    assert result.global_step == 1 and result.metrics["kl"] is not None
-    assert (task_dir / "model" / "model.safetensors").is_file()
+    assert result.global_step == 1 and result.metrics["reward"] is not None
+    assert (task_dir / saved).is_file()
