@@ -275,6 +275,8 @@ def test_grpo_trains_with_a_reward_file_and_a_built_in(
     run = invoke("run", "capitals", "--root", str(root), "--set", "grpo_beta=0.04")
     assert run.exit_code == 0, run.output
     assert "Rewards (grpo): mean " in run.output and "(brevity " in run.output
+    progress = [line for line in run.output.splitlines() if line.startswith("step 2/2  loss")]
+    assert "reward " in progress[0] and "(brevity " in progress[0] and "kl " in progress[0]
     meta = load_meta(task_dir)
     metrics = meta.metrics
     assert meta.status == "trained" and metrics["method"] == "grpo"
