@@ -34,7 +34,7 @@ CAPITALS = {
     "Egypt": "Cairo",
     "Norway": "Oslo",
 }
-#: A short run: 2 completions of up to 8 tokens per prompt, 2 prompts... per step.
+#: A short run: 2 completions of up to 8 tokens per prompt, one prompt per step.
 SHORT = {
     "grpo_num_generations": 2,
     "grpo_max_completion_length": 8,
@@ -166,10 +166,6 @@ def test_the_code_tests_reward_scores_in_child_processes() -> None:
     ]
     tests = ["assert double(3) == 6"] * 3
     (reward,) = load_rewards(["builtin:code_tests"])
-    from sage_finetune_plugin.rewards import builtins
-
-    original = builtins.run_code if hasattr(builtins, "run_code") else None
-    assert original is None  # the sandbox is imported when the reward runs
     encoded = [json.dumps({"tests": t}) for t in tests]
     started = time.monotonic()
     result = reward(["p"] * 3, completions, columns=encoded, location=["a", "b", "c"])
