@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import numbers
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -120,7 +121,7 @@ class Reward:
             if value is None:  # TRL's convention: this reward does not apply here
                 scores.append(math.nan)
                 continue
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy too
                 raise RewardError(
                     f"Reward {self.label} returned {value!r} for the completion of "
                     f"{locations[i] if i < len(locations) else where}: rewards are numbers."
