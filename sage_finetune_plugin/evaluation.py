@@ -6,7 +6,8 @@ or any file), rendered exactly as training renders them -> for the tuned model (
 uses: the merged model, else base + adapter) and the base model: the loss on answer tokens and
 greedy answers -> metrics -> the folder ``TASK/eval`` (report.json, report.md, the base
 model's numbers cached per base model, data and settings) written atomically -> the meta's
-``eval`` key, which ``list`` shows.
+``eval`` key, which ``list`` shows. A task of prompts (GRPO) has no answers to take a loss
+on: both models answer its held-out prompts and the task's rewards score the answers.
 
 Progress goes to ``progress`` (an EvalProgress per batch) and ``status`` (one line per
 stage); nothing prints. What to evaluate is an ``EvalOptions``. Imports nothing heavy at
