@@ -121,6 +121,8 @@ class RunBooks:
                     "loss": progress.loss,
                     "tokens_per_second": round(progress.tokens_per_second, 1),
                     "eta_seconds": self._eta(progress),
+                    "reward": progress.reward,
+                    "rewards": progress.rewards() or None,
                     "updated_at": now_iso(),
                 }
             )

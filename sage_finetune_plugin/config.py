@@ -377,6 +377,54 @@ class TrainingConfig:
     kto_undesirable_weight: float = setting(
         "kto: weight of the undesirable examples' loss.", scope=TASK, default=1.0
     )
+    pref_loss: str = setting(
+        "dpo: the preference loss (LLaMA-Factory's pref_loss): a loss type of TRL's DPO "
+        "(sigmoid: DPO, ipo, hinge, robust, ...), or simpo or cpo, reference-free through "
+        "TRL's CPO trainer.",
+        scope=TASK,
+        default="sigmoid",
+    )
+
+    # Reinforcement learning (grpo, through TRL's GRPOTrainer; docs/rl.md).
+    rewards: list[str] = setting(
+        "grpo: the reward functions, builtin:NAME[=ARGUMENT] or FILE.py:FUNCTION (docs/rl.md).",
+        scope=TASK,
+        default_factory=list,
+        flag=Flag(
+            "reward",
+            commands=("run", "quickstart"),
+            metavar="REWARD",
+            multiple=True,
+            help="grpo: a reward function, builtin:NAME[=ARGUMENT] (exact, f1, regex=PATTERN, "
+            "length=MIN-MAX, json, json_keys=K1|K2, tool_call, code_parses, code_tests) or "
+            "FILE.py:FUNCTION (repeatable; replaces the task's rewards).",
+        ),
+    )
+    reward_weights: list[float] | None = setting(
+        "grpo: a weight per reward function, in their order (none: 1 each).",
+        scope=TASK,
+        default=None,
+        flag=Flag("reward-weights", commands=("run", "quickstart"), metavar="W,W,..."),
+    )
+    grpo_num_generations: int = setting(
+        "grpo: completions sampled per prompt (the group whose rewards are compared; at least 2).",
+        default=4,
+    )
+    grpo_max_completion_length: int = setting(
+        "grpo: longest completion generated, in tokens.", default=64
+    )
+    grpo_temperature: float = setting("grpo: sampling temperature.", default=1.0)
+    grpo_beta: float = setting(
+        "grpo: weight of the KL term against the reference model (0: no reference pass).",
+        scope=TASK,
+        default=0.0,
+    )
+    grpo_loss_type: str = setting(
+        "grpo: TRL's loss type: grpo, dapo (its default), dr_grpo, bnpo, ... (those of the "
+        "installed TRL).",
+        scope=TASK,
+        default="dapo",
+    )
 
     # How the model is adapted (issue 22): adapters/ has a unit per kind.
     finetuning_type: str = setting(
@@ -480,6 +528,7 @@ class TrainingConfig:
             raise ConfigError(f"pref_ftx must not be negative, got {self.pref_ftx}.")
         if self.kto_desirable_weight <= 0 or self.kto_undesirable_weight <= 0:
             raise ConfigError("kto_desirable_weight and kto_undesirable_weight must be positive.")
+        self._validate_grpo()
         if not self.model_name.strip():
             raise ConfigError("model_name is empty: give a hub id or a local directory.")
         self._validate_finetuning_type()
@@ -490,6 +539,28 @@ class TrainingConfig:
             ):
                 raise ConfigError(f"{name} must map names to strings, got {mapping!r}.")
         self.lora.validate()
+
+    def _validate_grpo(self) -> None:
+        if self.grpo_num_generations < 2:
+            raise ConfigError(
+                "grpo_num_generations must be at least 2 (GRPO compares the completions of a "
+                f"prompt), got {self.grpo_num_generations}."
+            )
+        if self.grpo_max_completion_length < 1 or self.grpo_temperature <= 0:
+            raise ConfigError("grpo_max_completion_length and grpo_temperature must be positive.")
+        if self.grpo_beta < 0:
+            raise ConfigError(f"grpo_beta must not be negative, got {self.grpo_beta}.")
+        if not all(isinstance(spec, str) and spec.strip() for spec in self.rewards):
+            raise ConfigError(f"rewards must be names of reward functions, got {self.rewards!r}.")
+        weights = self.reward_weights
+        if weights is not None:
+            if not all(isinstance(w, int | float) and math.isfinite(w) for w in weights):
+                raise ConfigError(f"reward_weights must be numbers, got {weights!r}.")
+            if self.rewards and len(weights) != len(self.rewards):
+                raise ConfigError(
+                    f"reward_weights has {len(weights)} weight(s) for {len(self.rewards)} "
+                    "reward(s): give one per reward, in their order."
+                )
 
     def _validate_finetuning_type(self) -> None:
         if self.finetuning_type not in FINETUNING_TYPES:
@@ -751,6 +822,10 @@ def _typed(key: str, raw: str, hint: Any) -> Any:
         return None
     if key == "report_to":
         return parse_trackers(raw)
+    if key == "reward_weights":
+        return parse_weights(raw)
+    if key == "rewards":
+        return parse_rewards(raw)
     if key in _NAME_LISTS:
         names = [name.strip() for name in raw.split(",") if name.strip()]
         whole = _NAME_LISTS[key]
@@ -773,6 +848,34 @@ def _typed(key: str, raw: str, hint: Any) -> Any:
         return raw
     wanted = " or ".join(_type_words(allowed))
     raise ConfigError(f"{key} must be {wanted}, got {raw!r}.")
+
+
+def parse_weights(text: str) -> list[float]:
+    """``"1,0.5"`` (or a JSON list) as a list of numbers; ConfigError otherwise."""
+    raw = text.strip().removeprefix("[").removesuffix("]")
+    try:
+        weights = [float(part) for part in raw.split(",") if part.strip()]
+    except ValueError:
+        weights = []
+    if not weights or not all(math.isfinite(w) for w in weights):
+        raise ConfigError(
+            f"reward_weights takes numbers separated by commas (1,0.5), got {text!r}."
+        )
+    return weights
+
+
+def parse_rewards(text: str) -> list[str]:
+    """One reward (``builtin:json``) or a JSON list of them (a regular expression may hold
+    commas, so a list is JSON)."""
+    if text.strip().startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"rewards: invalid JSON list ({exc.msg}).") from None
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise ConfigError(f"rewards must be a JSON list of strings, got {text!r}.")
+    return [text.strip()] if text.strip() else []
 
 
 def parse_mapping(text: str | Sequence[str], what: str) -> dict[str, str]:

@@ -23,7 +23,7 @@ TRAINING_STACK = {
 
 #: Optional packages: import name -> (oldest version that works, what needs it, the extra).
 OPTIONAL = {
-    "trl": ("1.16", "Preference tuning (dpo, orpo, kto)", "preference"),
+    "trl": ("1.16", "Preference tuning and RL (dpo, orpo, kto, grpo)", "preference"),
 }
 #: The extra of this package that installs each optional module a command needs.
 EXTRAS = {

@@ -88,6 +88,10 @@ class ServeError(FinetuneError):
     """A serving engine cannot be started, or stopped before it was ready."""
 
 
+class RewardError(FinetuneError):
+    """A reward function cannot be loaded, or failed or returned the wrong thing (GRPO)."""
+
+
 class PluginError(FinetuneError):
     """A third-party unit (a training method registered by another package) cannot be used."""
 

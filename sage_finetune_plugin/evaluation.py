@@ -6,7 +6,8 @@ or any file), rendered exactly as training renders them -> for the tuned model (
 uses: the merged model, else base + adapter) and the base model: the loss on answer tokens and
 greedy answers -> metrics -> the folder ``TASK/eval`` (report.json, report.md, the base
 model's numbers cached per base model, data and settings) written atomically -> the meta's
-``eval`` key, which ``list`` shows.
+``eval`` key, which ``list`` shows. A task of prompts (GRPO) has no answers to take a loss
+on: both models answer its held-out prompts and the task's rewards score the answers.
 
 Progress goes to ``progress`` (an EvalProgress per batch) and ``status`` (one line per
 stage); nothing prints. What to evaluate is an ``EvalOptions``. Imports nothing heavy at
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import TrainingConfig
 from .errors import DataError, EvaluationInterrupted, TaskError, UsageProblem
+from .methods import get_method
 from .models import quiet_deprecations
 from .paths import EVAL_DIR, atomic_directory
 from .progress import Progress, ProgressSink, Status
@@ -169,6 +171,8 @@ def _evaluate(
 
     runtime = inference_runtime(hardware)
     config = task.recorded_config(resume=True)  # the config the last run trained with
+    if "prompts" in get_method(config.method).formats:  # no answers: scored by its rewards
+        return _evaluate_rewards(task, config, options, say, hardware, runtime)
     source = _source(task, config, options.data, options.split)
     # The task's own data is read as its training read it (the same records dropped).
     skip_invalid = options.skip_invalid or (options.data is None and config.skip_invalid)
@@ -247,6 +251,99 @@ def _evaluate(
     say(f"Writing {folder}")
     base_entry = (key, sides["base"], models["base"]) if "base" in sides else None
     _write(report, base_entry)
+    task.update(eval=report.to_meta())
+    _track(task, report, say)
+    return report
+
+
+def _evaluate_rewards(
+    task: Task,
+    config: TrainingConfig,
+    options: EvalOptions,
+    say: Status,
+    hardware: Hardware | None,
+    runtime: Runtime,
+) -> EvalReport:
+    """A task of prompts (GRPO): the tuned and the base model answer the held-out prompts
+    (greedy, up to ``grpo_max_completion_length`` tokens), and the task's rewards score the
+    answers. There is no reference answer to compute a loss against."""
+    from .chat import load_chat_model
+    from .data import prepare_dataset
+    from .models import load_tokenizer
+    from .rewards import load_rewards
+    from .scoring.metrics import mean
+    from .scoring.rewards import complete, mean_rewards, score
+
+    source = _source(task, config, options.data, options.split)
+    tokenizer = load_tokenizer(task.base_model, trust_remote_code=task.trust_remote_code)
+    reading = config.replace(skip_invalid=options.skip_invalid or config.skip_invalid)
+    if options.data is not None:
+        reading = reading.replace(eval_ratio=0.0, eval_data_path=None, data_format=None)
+    prepared = prepare_dataset(source.path, tokenizer, reading)
+    rows = prepared.eval if source.part == "eval" else prepared.train
+    if rows is None:
+        raise DataError(_no_held_out(task, f"eval_ratio {config.eval_ratio}"))
+    rows = [dict(row) for row in rows][: options.max_samples or None]
+    rewards = load_rewards(config.rewards)
+    limit = options.max_new_tokens or config.grpo_max_completion_length
+    sides: dict[str, dict[str, float | None]] = {}
+    answers: dict[str, list[dict[str, Any]]] = {}
+    models: dict[str, str] = {}
+    for name in ("tuned", "base"):
+        if not getattr(options, name):
+            continue
+        chat = load_chat_model(
+            task, base=name == "base", checkpoint=options.checkpoint, status=say, hardware=hardware
+        )
+        models[name] = chat.description if name == "tuned" else task.base_model
+        say(f"Answering {len(rows)} prompts with the {name} model")
+        generated = complete(
+            chat.model, chat.tokenizer, rows, max_new_tokens=limit, batch_size=options.batch_size
+        )
+        _release(chat)
+        scores = score(rewards, rows, [answer.text for answer in generated])
+        totals = mean_rewards(scores, config.reward_weights)
+        sides[name] = {
+            "reward": mean(totals),
+            **{f"reward/{reward}": mean(values) for reward, values in scores.items()},
+            "answer_tokens": mean([float(a.tokens) for a in generated]),
+            "hit_limit": mean([float(a.hit_limit) for a in generated]),
+        }
+        answers[name] = [
+            {
+                "answer": answer.text,
+                "tokens": answer.tokens,
+                "hit_limit": answer.hit_limit,
+                "reward": totals[i],
+                **{f"reward/{reward}": values[i] for reward, values in scores.items()},
+            }
+            for i, answer in enumerate(generated)
+        ]
+    folder = task.path / EVAL_DIR
+    report = EvalReport(
+        task=task.name,
+        folder=folder,
+        data=source.description,
+        samples=len(rows),
+        generated=len(rows),
+        max_new_tokens=limit,
+        models=models,
+        base=sides.get("base"),
+        tuned=sides.get("tuned"),
+        examples=[
+            {
+                "location": row["location"],
+                "prompt": row["prompt"],
+                "reference": str(json.loads(row["columns"]).get("answer") or ""),
+                **{name: side[i] for name, side in answers.items()},
+            }
+            for i, row in enumerate(rows)
+        ],
+        settings={"split": options.split, "device": runtime.device, "rewards": config.rewards},
+        notes=["Prompts without answers: scored by the task's rewards, no loss computed."],
+    )
+    say(f"Writing {folder}")
+    _write(report, None)
     task.update(eval=report.to_meta())
     _track(task, report, say)
     return report

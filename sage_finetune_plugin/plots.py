@@ -21,7 +21,9 @@ def plot_loss(
 ) -> Path | None:
     """Write the loss curve to ``path`` (PNG); None when there is nothing to plot. With
     ``rewards`` (a preference run's ``{"step", "margin", "accuracy"}`` history) a second panel
-    shows the reward margin and the reward accuracy (chosen rewarded above rejected).
+    shows the reward margin and the reward accuracy (chosen rewarded above rejected); with a
+    GRPO run's ``{"step", "reward", "rewards"}`` history, the mean reward and each reward
+    function's mean.
 
     Uses matplotlib's object API with the Agg canvas, so the caller's pyplot backend is left
     alone.
@@ -54,7 +56,11 @@ def plot_loss(
 def _plot_rewards(
     axes: Any, rewards: list[dict[str, Any]], eval_rewards: list[dict[str, Any]]
 ) -> None:
-    """Reward margin (left axis) and reward accuracy (right axis, 0 to 1) by step."""
+    """Reward margin (left axis) and reward accuracy (right axis, 0 to 1) by step; or the
+    mean reward of sampled completions and each reward's mean (GRPO)."""
+    if any("reward" in h for h in rewards):
+        _plot_sampled_rewards(axes, rewards, eval_rewards)
+        return
     accuracy_axes = None
     for history, label, style in ((rewards, "train", "-"), (eval_rewards, "eval", "o--")):
         margins = [(h["step"], h["margin"]) for h in history if h.get("margin") is not None]
@@ -77,3 +83,24 @@ def _plot_rewards(
         more = accuracy_axes.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]
     axes.legend(handles, labels, loc="lower right")
+
+
+def _plot_sampled_rewards(
+    axes: Any, rewards: list[dict[str, Any]], eval_rewards: list[dict[str, Any]]
+) -> None:
+    """The mean (weighted) reward by step, train and eval, and each reward function's mean."""
+    for history, label, style in ((rewards, "train", "-"), (eval_rewards, "eval", "o--")):
+        points = [(h["step"], h["reward"]) for h in history if h.get("reward") is not None]
+        if points:
+            axes.plot(*zip(*points, strict=True), style, linewidth=2, label=f"{label} reward")
+    names = dict.fromkeys(name for h in rewards for name in h.get("rewards") or {})
+    for name in names:
+        points = [
+            (h["step"], h["rewards"][name]) for h in rewards if name in (h.get("rewards") or {})
+        ]
+        axes.plot(*zip(*points, strict=True), ":", linewidth=1, label=name)
+    axes.set_xlabel("step")
+    axes.set_ylabel("mean reward")
+    axes.set_title("rewards")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right")

@@ -63,7 +63,10 @@ class TaskType:
 
 TASK_TYPES: dict[str, TaskType] = {
     "code": TaskType(
-        ("alpaca",), "questions and answers derived from a Python code base", source=True
+        ("alpaca", "prompts"),
+        "questions and answers derived from a Python code base (grpo: functions to write, "
+        "scored by their doctests)",
+        source=True,
     ),
     "qa": TaskType(("qa",), "question/answer records"),
     "instruction": TaskType(("alpaca",), "alpaca instruction/input/output records"),
@@ -72,6 +75,7 @@ TASK_TYPES: dict[str, TaskType] = {
     "preference": TaskType(
         ("preference", "kto"), "chosen/rejected pairs or KTO records", method="dpo"
     ),
+    "rl": TaskType(("prompts",), "prompts, scored by reward functions (--reward)", method="grpo"),
 }
 #: The task type of preference data.
 PREFERENCE_TASK = "preference"
@@ -159,6 +163,7 @@ def quickstart(
     progress lines.
     """
     from .data import build_code_dataset, load_training_data
+    from .data.code import CODE_REWARDS, build_code_prompts
 
     say = status or (lambda _line: None)
     options = task if isinstance(task, QuickstartOptions) else QuickstartOptions.of(task, **values)
@@ -175,15 +180,21 @@ def quickstart(
     )
 
     code = None
+    unit = get_method(options.method)
     if options.kind.source:
         say(f"Scanning Python files under {Path(options.source or '.').expanduser().resolve()}")
-        code = build_code_dataset(options.source or ".")
-        loaded = load_training_data(code.records, "alpaca")
+        if "prompts" in unit.formats:  # functions to write, scored by the code rewards
+            code = build_code_prompts(options.source or ".")
+            settings.setdefault("rewards", list(CODE_REWARDS))
+            loaded = load_training_data(code.records, "prompts", method=options.method)
+        else:
+            code = build_code_dataset(options.source or ".")
+            loaded = load_training_data(code.records, "alpaca")
         loaded.warnings.clear()  # "{{...}}" in source code is code (f-strings), not a placeholder
     else:
         assert options.data is not None
         loaded = _load(options, skip_invalid)
-    config, notes = get_method(options.method).fit(
+    config, notes = unit.fit(
         preset.replace(
             **settings,
             model_name=model or preset.model_name,
@@ -193,6 +204,7 @@ def quickstart(
             data_format=loaded.format,
         )
     )
+    unit.validate(config)  # what the method cannot train (GRPO: rewards that do not load)
     # Replacing a task: hold its run lock, so that it cannot be trained while it is replaced.
     with (
         RunLock(target) if replacing else contextlib.nullcontext(),

@@ -53,7 +53,7 @@ from .training.memory import (
 from .training.runtime import TORCH_OPTIMIZERS, Hardware, Runtime, resolve_runtime
 
 if TYPE_CHECKING:
-    from .data import DataStats
+    from .data import DataStats, PreparedDataset
     from .training.metrics import TrainResult
 
 #: ``--quant`` values and the config fields they set.
@@ -393,6 +393,18 @@ def run_worker(
 
 def inspect_data(plan: RunPlan) -> DataStats:
     """Render the planned run's data without caching it, for the statistics (dry run)."""
+    return _prepared(plan).stats
+
+
+def rehearse(plan: RunPlan) -> tuple[DataStats, list[str]]:
+    """The dry run's look at the data (its statistics) and the method's check on its first
+    samples (``Method.rehearse``: GRPO calls its rewards on sampled completions); raises what
+    the check finds."""
+    prepared = _prepared(plan)
+    return prepared.stats, get_method(plan.config.method).rehearse(plan.config, prepared)
+
+
+def _prepared(plan: RunPlan) -> PreparedDataset:
     from .data import prepare_dataset
     from .models import load_tokenizer
 
@@ -400,7 +412,7 @@ def inspect_data(plan: RunPlan) -> DataStats:
     if not config.data_path:
         raise FinetuneError(f"Task {plan.task.path} names no training data (data_path).")
     tokenizer = load_tokenizer(config.model_name, trust_remote_code=config.trust_remote_code)
-    return prepare_dataset(config.data_path, tokenizer, config).stats
+    return prepare_dataset(config.data_path, tokenizer, config)
 
 
 def cancel_run(

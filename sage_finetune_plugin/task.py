@@ -349,6 +349,8 @@ class TaskEntry:
             "max_steps": progress.get("max_steps", m.metrics.get("max_steps")),
             "train_loss": progress.get("loss", m.last_train_loss),
             "eval": eval_headline(m.eval),
+            "reward": progress.get("reward", m.metrics.get("reward")),
+            "rewards": progress.get("rewards") or m.metrics.get("rewards"),
             "tokens_per_second": progress.get(
                 "tokens_per_second", m.metrics.get("tokens_per_second")
             ),

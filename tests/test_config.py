@@ -301,6 +301,10 @@ def test_a_preset_keeps_every_task_level_setting():
         "freeze_trainable_layers": -3,
         "freeze_trainable_modules": ["mlp"],
         "freeze_extra_modules": ["norm"],
+        "pref_loss": "ipo",
+        "rewards": ["builtin:json"],
+        "reward_weights": [2.0],
+        "grpo_loss_type": "grpo",
     }
     for key in task_keys:  # the rest: booleans flipped, numbers moved
         value = getattr(defaults, key)

@@ -51,6 +51,7 @@ def test_table_shows_every_column(tmp_path):
         "STEPS",
         "LOSS",
         "EVAL",
+        "REWARD",
         "TOK/S",
         "KIND",
         "ADAPTER",
@@ -59,7 +60,7 @@ def test_table_shows_every_column(tmp_path):
         "TRACKER",
     ]
     code = lines[1].split()
-    assert code[:12] == [
+    assert code[:13] == [
         "code",
         "trained",
         "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -68,6 +69,7 @@ def test_table_shows_every_column(tmp_path):
         "60",
         "1.2346",
         "-",
+        "-",  # no reward: not a GRPO task
         "-",
         "lora",  # a task whose config names no kind: LoRA
         "yes",

@@ -569,7 +569,8 @@ def test_a_missing_trl_is_one_line_saying_what_to_install(
     proc = run_cli("sage-finetune", "run", str(task_dir), env=env)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
-        "Error: Preference tuning (dpo, orpo, kto) needs trl >= 1.16 (trl is not installed): "
+        "Error: Preference tuning and RL (dpo, orpo, kto, grpo) needs trl >= 1.16 (trl is not "
+        "installed): "
         "pip install 'sage-finetune-plugin[preference]' (or pip install 'trl>=1.16')."
     )
     assert load_meta(task_dir).status == "prepared"

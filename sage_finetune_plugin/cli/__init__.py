@@ -41,7 +41,7 @@ def finetune() -> None:
       export code / serve code   a GGUF for llama.cpp and Ollama / an OpenAI-compatible API
       ui                         the tasks in a web page (and a REST API) on 127.0.0.1:7860
       cancel / delete code       stop a run from another terminal / remove a task
-      methods                    the training methods (sft, dpo, orpo, kto, plugins)
+      methods                    the training methods (sft, dpo, orpo, kto, grpo, plugins)
       doctor                     the training stack, the device and the precision here
     """
 

@@ -23,6 +23,7 @@ from ..config import (
     flags,
     parse_mapping,
     parse_trackers,
+    parse_weights,
 )
 from ..config import setting_help as _setting_help
 from ..errors import ConfigError
@@ -69,7 +70,7 @@ def _option(key: str, flag: Flag) -> Callable[[F], F]:
         kwargs["type"] = _MethodChoice()
     elif key == "finetuning_type":
         kwargs["type"] = click.Choice(FINETUNING_TYPES)
-    if dict in allowed:
+    if dict in allowed or list in allowed:
         kwargs["multiple"] = flag.multiple
     return click.option(f"--{flag.name}", **kwargs)
 
@@ -113,6 +114,10 @@ def _converter(key: str, flag: Flag, allowed: tuple[type, ...]) -> Callable[[Any
         return _format
     if key == "report_to":
         return lambda value: parse_trackers(value) if value is not None else None
+    if key == "reward_weights":
+        return lambda value: parse_weights(value) if value is not None else None
+    if list in allowed and flag.multiple:  # repeated: the values in order, none given: None
+        return lambda value: list(value) or None
     return lambda value: value
 
 

@@ -113,7 +113,7 @@ def eval_command(
         click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
         return
     click.echo(
-        f"{report.task}: loss on {report.samples} samples of {report.data}; "
+        f"{report.task}: {report.measured} of {report.data}; "
         f"{report.generated} answers generated (greedy, at most {report.max_new_tokens} tokens)."
     )
     for name in ("tuned", "base"):

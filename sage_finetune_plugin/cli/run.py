@@ -197,7 +197,7 @@ def _quantization(quant: str | None, four_bit: bool, eight_bit: bool, no_quant: 
 
 def _print_plan(plan: RunPlan) -> None:
     """What a run would do; writes nothing (the tokenized data is not cached)."""
-    from ..runs import inspect_data
+    from ..runs import rehearse
 
     config, runtime = plan.config, plan.runtime
     click.echo(f"Task: {plan.task.path}")
@@ -229,8 +229,11 @@ def _print_plan(plan: RunPlan) -> None:
     for note in plan.notes:
         click.echo(f"  note: {note}")
     click.echo("Data:")
-    for line in inspect_data(plan).summary().splitlines():
+    stats, checks = rehearse(plan)
+    for line in stats.summary().splitlines():
         click.echo(f"  {cli_words(line)}")
+    for line in checks:
+        click.echo(line)
     click.echo(f"Memory: {plan.memory_verdict()}")
     for line in plan.memory.summary() if plan.memory else []:
         click.echo(f"  {line}")

@@ -21,6 +21,7 @@ COLUMNS = [
     ("STEPS", "steps"),
     ("LOSS", "train_loss"),
     ("EVAL", "eval"),
+    ("REWARD", "reward"),
     ("TOK/S", "tokens_per_second"),
     ("KIND", "kind"),
     ("ADAPTER", "adapter"),
@@ -71,6 +72,9 @@ def _cell(key: str, row: dict[str, Any]) -> str:
         return f"{row['steps']}/{fmt(row['max_steps'])}"
     if key == "eval" and row[key]:
         return _eval_cell(row[key])
+    if key == "reward" and row.get(key) is not None:
+        per = ", ".join(f"{name} {value:.2f}" for name, value in (row["rewards"] or {}).items())
+        return f"{row[key]:.2f}" + (f" ({per})" if per else "")
     if key == "tokens_per_second" and row[key] is not None:
         return f"{row[key]:.0f}"
     return fmt(row[key])

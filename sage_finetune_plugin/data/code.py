@@ -272,3 +272,77 @@ def _listing(title: str, node: ast.ClassDef | _Def) -> str:
 def _signature(node: _Def) -> str:
     returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
     return f"{node.name}({ast.unparse(node.args)}){returns}"
+
+
+# --- prompts for reinforcement learning (GRPO) --------------------------------------------------
+
+#: The rewards of a code task trained with GRPO: the answer's code parses, and it passes the
+#: function's doctests (run in a limited child process).
+CODE_REWARDS = ("builtin:code_parses", "builtin:code_tests")
+_PROMPT_TAIL = "Answer with the whole function in one ```python block."
+
+
+def build_code_prompts(source: str | os.PathLike[str]) -> CodeDataset:
+    """Prompt records for GRPO from the code under ``source``: for every documented top-level
+    function with a body, "write function X with this signature and docstring", with the
+    function's source as the reference ``answer`` and, as ``tests``, its doctests run against
+    the answer (after the module's absolute imports; none: the answer must run)."""
+    code = build_code_dataset(source)  # the same files, skips and errors
+    records: list[dict[str, str]] = []
+    for path in _python_files(code.source, Counter()):
+        text = _read_source(path, Counter())
+        if text is None:
+            continue
+        try:
+            tree = ast.parse(text)
+        except (SyntaxError, ValueError):
+            continue
+        module, lines = _module_name(code.source, path), text.splitlines()
+        imports = [
+            ast.unparse(node)
+            for node in tree.body
+            if isinstance(node, ast.Import) or (isinstance(node, ast.ImportFrom) and not node.level)
+        ]
+        for node in tree.body:
+            if isinstance(node, _Def) and not node.name.startswith("_"):
+                record = _code_prompt(node, module, lines, imports)
+                if record is not None and record not in records:
+                    records.append(record)
+    if not records:
+        raise DataError(
+            f"{code.source}: no documented public function with a body to write; GRPO on code "
+            "needs some (or bring your own prompts with `quickstart rl`)."
+        )
+    return CodeDataset(code.source, records, code.files_used, code.skipped, code.duplicates)
+
+
+def _code_prompt(
+    node: _Def, module: str, lines: list[str], imports: list[str]
+) -> dict[str, str] | None:
+    doc = ast.get_docstring(node)
+    if not doc or len(node.body) < 2:
+        return None
+    start = min([d.lineno for d in node.decorator_list] + [node.lineno])
+    source = textwrap.dedent("\n".join(lines[start - 1 : node.end_lineno]))
+    if len(source) > MAX_SOURCE_CHARS:
+        return None
+    stub = textwrap.dedent("\n".join(lines[start - 1 : node.body[0].end_lineno]))
+    prompt = (
+        f"Write the Python function `{node.name}` in `{module}` with this signature and "
+        f"docstring.\n\n```python\n{stub}\n```\n\n{_PROMPT_TAIL}"
+    )
+    tests = "\n".join(imports)
+    if ">>>" in doc:
+        tests += "\n" + _DOCTEST_RUNNER.format(doc=json.dumps(doc))
+    return {"prompt": prompt, "answer": source, "tests": tests.strip()}
+
+
+#: Runs a docstring's examples against the answer's namespace; a failure fails the tests.
+_DOCTEST_RUNNER = """
+import doctest as _doctest
+_examples = _doctest.DocTestParser().get_examples({doc})
+_runner = _doctest.DocTestRunner(verbose=False)
+_runner.run(_doctest.DocTest(_examples, globals(), "doctests", None, 0, None), out=lambda _: None)
+if _runner.failures:
+    raise AssertionError(f"{{_runner.failures}} of {{len(_examples)}} doctest examples failed")
+"""

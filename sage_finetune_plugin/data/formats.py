@@ -3,13 +3,14 @@
 Every record becomes one shape, a "normalized row" (the columns of ``normalized_features``):
 
     kind        "chat" (alpaca, qa, conversation), "completion" (prompt/completion), "text",
-                "pair" (a prompt with a chosen and a rejected answer) or "labelled" (a prompt
-                with one answer marked desirable or not)
+                "pair" (a prompt with a chosen and a rejected answer), "labelled" (a prompt
+                with one answer marked desirable or not) or "prompt" (a prompt alone)
     messages    list of {"role", "content", "extra"} (see ``messages``): the conversation, or
                 for "pair" and "labelled" rows the prompt
     context     the alpaca ``input`` / qa ``context`` that goes with the last user turn ("" if none)
     tools       "" or the JSON list of tools offered to the model (OpenAI function schemas)
     chosen, rejected, completion, label   the answers of "pair" and "labelled" rows
+    extra       "prompt" rows (GRPO): their other columns as a JSON object, for the rewards
     location    where the record came from ("data.jsonl: line 12"), for error messages
 
 The formats are ``FORMAT_SPECS``, in detection order; each training method reads some of them
@@ -41,6 +42,7 @@ from .preference import (
     normalize_pair,
     pair_evidence,
 )
+from .prompts import canonical_prompt, normalize_prompt, prompt_claim
 from .supervised import (
     normalize_alpaca,
     normalize_conversation,
@@ -51,6 +53,11 @@ from .supervised import (
 
 SUPERVISED = "supervised"
 PREFERENCE = "preference"
+PROMPTS = "prompts"
+
+
+def _never(record: Mapping[str, Any]) -> str | None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,21 @@ def _keys_present(*names: str) -> Callable[[Mapping[str, Any]], str | None]:
 # Detection order matters: preference records hold prompts and conversations too, KTO records
 # prompts and completions, and alpaca exports often carry a rendered "text" column.
 FORMAT_SPECS = (
+    # Only a method that trains on prompts (grpo) reads a bare prompt as one (before the
+    # formats whose fields its other columns may share, such as qa's answer): for the others
+    # it stays a record with no answer (unknown format, with a columns hint).
+    Format(
+        "prompts",
+        _never,
+        "a prompt (a string or messages) and any other columns, which reach the rewards",
+        normalize_prompt,
+        PROMPTS,
+        "rl",
+        misuse="it has no answers to learn from",
+        claim=prompt_claim,
+        fields=("prompt",),
+        required=1,
+    ),
     Format(
         "preference",
         pair_evidence,
@@ -167,6 +189,7 @@ ROW_DEFAULTS: dict[str, Any] = {
     "rejected": "",
     "completion": "",
     "label": None,
+    "extra": "",
 }
 
 _FORMAT_ALIASES = {
@@ -270,6 +293,7 @@ def normalized_features() -> Any:
             "rejected": Value("string"),
             "completion": Value("string"),
             "label": Value("bool"),
+            "extra": Value("string"),
             "location": Value("string"),
         }
     )
@@ -601,6 +625,8 @@ def canonical_record(fmt: str, row: Mapping[str, Any]) -> dict[str, Any]:
     """A normalized row in the keys of ``fmt`` (what quickstart writes to data/train.jsonl)."""
     if SPECS_BY_NAME[fmt].family == PREFERENCE:
         return canonical_preference(row)
+    if fmt == "prompts":
+        return canonical_prompt(row)
     messages = message_dicts(row)
     tools = row_tools(row)
     if fmt == "text":

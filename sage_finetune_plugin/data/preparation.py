@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 #: Bumped whenever rendering, tokenization or the statistics change, so old caches are not
 #: reused.
-PIPELINE_VERSION = 4
+PIPELINE_VERSION = 5  # 5: normalized rows carry "extra" (prompt records)
 
 #: Below this many rows, datasets' progress bars are hidden (they would only be noise).
 PROGRESS_MIN_ROWS = 10_000

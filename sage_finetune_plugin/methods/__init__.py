@@ -3,7 +3,7 @@
 A method (``methods.base.Method``) declares in one place what it trains on and how: the record
 formats it reads and how a record becomes a sample, its statistics, how it adjusts a config
 and what stops a run, its dry-run lines, its memory profile, the metrics it records and the
-trainer it builds. The built-in methods are ``sft``, ``dpo``, ``orpo`` and ``kto``; other
+trainer it builds. The built-in methods are ``sft``, ``dpo``, ``orpo``, ``kto`` and ``grpo``; other
 packages add methods through the entry-point group ``sage_finetune.methods`` (the entry point
 names a ``Method`` subclass or instance). Plugins are loaded only when asked for, and one that
 fails to load is listed as broken (``sage finetune methods``) without breaking the others.
@@ -41,6 +41,7 @@ REGISTRY: Registry[Method] = Registry(
         "dpo": "sage_finetune_plugin.methods.dpo:DPO",
         "orpo": "sage_finetune_plugin.methods.orpo:ORPO",
         "kto": "sage_finetune_plugin.methods.kto:KTO",
+        "grpo": "sage_finetune_plugin.methods.grpo:GRPO",
     },
     group=ENTRY_POINT_GROUP,
     check=_check,

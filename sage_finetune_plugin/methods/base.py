@@ -3,10 +3,11 @@
 A method says, in one class: the record formats it trains on (``formats``, see data/formats.py)
 and how a normalized record becomes a sample (``render``, ``finish``, ``collator``,
 ``preview``), its statistics (``statistics``, ``stats_lines``), how it adjusts a config and
-what stops a run (``fit``, ``blockers``), its dry-run lines (``describe``), its memory profile
-(``memory``), the metrics it records (``metrics``, ``stage_metrics``, ``result_lines``) and the
-trainer it builds (``build_trainer``, ``before_save``). The data pipeline, the recipe, the
-memory estimate and the run service ask the config's method and never test its name.
+what stops a run (``fit``, ``validate``, ``blockers``), its dry-run lines and check
+(``describe``, ``rehearse``), its memory profile (``memory``, ``memory_profile``), the
+metrics it records (``metrics``, ``stage_metrics``, ``result_lines``) and the trainer it
+builds (``build_trainer``, ``before_save``). The data pipeline, the recipe, the memory
+estimate and the run service ask the config's method and never test its name.
 
 A third-party method subclasses ``Method`` (or a built-in one, such as ``methods.sft.SFT``)
 and registers it in the entry-point group ``sage_finetune.methods``::
@@ -96,11 +97,30 @@ class Method:
                 require_optional(module)
             except FinetuneError as exc:
                 found.append(exc)
+        try:
+            self.validate(config)
+        except FinetuneError as exc:
+            found.append(exc)
         return found
+
+    def validate(self, config: TrainingConfig) -> None:
+        """Raise a FinetuneError for what this method cannot train whatever the machine
+        (quickstart calls it before it writes a task; ``blockers`` reports it for a run)."""
 
     def describe(self, config: TrainingConfig) -> list[str]:
         """The dry run's lines about the method."""
         return [f"Method: {self.name} ({self.title or self.description})"]
+
+    def memory_profile(self, config: TrainingConfig) -> MemoryProfile:
+        """How a step of ``config`` uses memory (the memory estimate reads it): by default the
+        class's ``memory``; a method whose settings change it (a reference-free loss, the
+        generations of GRPO) says so here."""
+        return self.memory
+
+    def rehearse(self, config: TrainingConfig, data: PreparedDataset) -> list[str]:
+        """The dry run's check of the method on its first samples (``data``, rendered, not
+        cached): lines to show, or a FinetuneError that stops the run (by default nothing)."""
+        return []
 
     # --- the data -----------------------------------------------------------------------------
 

@@ -5,9 +5,9 @@
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .preference import PairedMethod
+from .preference import PairedMethod, counting
 
 if TYPE_CHECKING:
     from ..config import TrainingConfig
@@ -29,17 +29,4 @@ class ORPO(PairedMethod):
             warnings.simplefilter("ignore")
             from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-        class CountingORPOTrainer(ORPOTrainer):
-            """ORPO's batches hold chosen_ and rejected_ inputs, not input_ids: count their
-            tokens for the tokens/s figure."""
-
-            def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
-                import torch
-
-                masks = [inputs[k] for k in ("chosen_attention_mask", "rejected_attention_mask")]
-                tokens = torch.as_tensor(sum(int(m.sum()) for m in masks), device=self.args.device)
-                self.state.num_input_tokens_seen += int(
-                    self.accelerator.gather(tokens).sum().item()
-                )
-
-        return CountingORPOTrainer, ORPOConfig
+        return counting(ORPOTrainer), ORPOConfig

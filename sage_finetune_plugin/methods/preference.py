@@ -19,6 +19,7 @@ refused in one line without it (``blockers``) and TRL is imported when the train
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -45,6 +46,8 @@ REWARD_METRICS = {
 #: Name of the frozen copy of a continued adapter that TRL adds as the reference.
 REFERENCE_ADAPTER = "ref"
 PAIRS = "pairs of a prompt with a chosen and a rejected answer"
+#: The attention masks of a paired batch (ORPO, CPO), whose tokens are counted.
+PAIR_MASKS = ("chosen_attention_mask", "rejected_attention_mask")
 
 
 class PreferenceMethod(Method):
@@ -61,7 +64,7 @@ class PreferenceMethod(Method):
 
     def describe(self, config: TrainingConfig) -> list[str]:
         lines = [f"Method: {self.name} (TRL {self.trainer_name}, {self.settings_line(config)})"]
-        if not self.memory.reference:
+        if not self.memory_profile(config).reference:
             return [*lines, f"Reference model: none ({self.title} is reference-free)"]
         reference = (
             "the adapter as it is before this stage, kept frozen as a second LoRA adapter on "
@@ -176,6 +179,11 @@ class PreferenceMethod(Method):
         """TRL's trainer and its config class."""
         raise NotImplementedError
 
+    def trainer_classes_for(self, config: TrainingConfig) -> tuple[type, type]:
+        """TRL's trainer and config class for ``config`` (by default ``trainer_classes``; DPO
+        trains the reference-free losses with TRL's CPO)."""
+        return self.trainer_classes()
+
     def trainer_settings(self, config: TrainingConfig) -> dict[str, Any]:
         """The method's fields of TRL's config class."""
         return {"beta": config.pref_beta}
@@ -184,7 +192,7 @@ class PreferenceMethod(Method):
         from ..data.preparation import quiet_progress
 
         config = recipe.config
-        trainer_class, arguments_class = self.trainer_classes()
+        trainer_class, arguments_class = self.trainer_classes_for(config)
         extra = {
             "max_length": config.max_length,
             "group_by_length": False,  # the rows are text: TRL tokenizes them
@@ -198,19 +206,14 @@ class PreferenceMethod(Method):
                 eval_dataset=data.eval,
                 processing_class=recipe.tokenizer,
             )
-        peft_model = trainer.accelerator.unwrap_model(trainer.model)
-        if not config.init_adapter and REFERENCE_ADAPTER in getattr(peft_model, "peft_config", {}):
-            # A fresh adapter: TRL copied it as the reference, but disabling it gives the same
-            # model (the base) without the copy.
-            peft_model.delete_adapter(REFERENCE_ADAPTER)
+        if not config.init_adapter:
+            drop_reference_copy(trainer)
         recipe.install_callbacks(trainer)
         return trainer
 
     def before_save(self, trainer: Trainer) -> None:
         """The trained adapter alone is saved, not the frozen reference copy."""
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        if REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
-            model.delete_adapter(REFERENCE_ADAPTER)
+        drop_reference_copy(trainer)
 
     def metrics(self, log_history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """The last reward margin, accuracy and chosen/rejected rewards (train and eval), and
@@ -249,6 +252,43 @@ class PreferenceMethod(Method):
             if metrics.get(key) is not None:
                 rewards.append(f"{label} {metrics[key]:.{digits}f}")
         return [f"Rewards ({self.name}): {', '.join(rewards)}."]
+
+
+def counting(trainer_class: type, masks: tuple[str, ...] = PAIR_MASKS) -> type:
+    """``trainer_class`` (ORPO's, CPO's, GRPO's) counting the tokens of its batches, whose
+    inputs are not ``input_ids`` but the attention ``masks`` named, for the tokens/s figure."""
+
+    class Counting(trainer_class):
+        def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+            import torch
+
+            found = [inputs[k] for k in masks if k in inputs]
+            tokens = torch.as_tensor(sum(int(m.sum()) for m in found), device=self.args.device)
+            self.state.num_input_tokens_seen += int(self.accelerator.gather(tokens).sum().item())
+
+    Counting.__name__ = f"Counting{trainer_class.__name__}"
+    return Counting
+
+
+def trl_loss_types(arguments_class: type, lead: str) -> list[str]:
+    """The loss types a TRL config class offers, read from its ``loss_type`` help text (the
+    quoted names of the sentence that starts with ``lead``)."""
+    import dataclasses
+
+    for f in dataclasses.fields(arguments_class):
+        if f.name == "loss_type":
+            text = str(f.metadata.get("help", ""))
+            return re.findall(r"'(\w+)'", text.split(lead, 1)[-1].split(". ", 1)[0])
+    return []
+
+
+def drop_reference_copy(trainer: Trainer) -> None:
+    """Delete the frozen copy of the adapter TRL adds as the reference (``"ref"``): before
+    saving, and for a fresh adapter at once (disabling it gives the same model, the base,
+    without the copy)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
+        model.delete_adapter(REFERENCE_ADAPTER)
 
 
 class PairedMethod(PreferenceMethod):

@@ -72,9 +72,10 @@ def generate_answers(
     max_new_tokens: int,
     batch_size: int,
     on_batch: OnBatch | None = None,
+    temperature: float | None = None,
 ) -> list[Answer]:
-    """Greedy answers to token-id prompts, in batches padded on the left, each cut at its
-    first stop token."""
+    """Greedy answers to token-id prompts (``temperature``: sampled), in batches padded on the
+    left, each cut at its first stop token."""
     import torch
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
@@ -93,8 +94,8 @@ def generate_answers(
                 input_ids=input_ids.to(model.device),
                 attention_mask=attention_mask.to(model.device),
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
+                do_sample=temperature is not None,
+                temperature=temperature,
                 top_p=None,
                 top_k=None,
                 eos_token_id=list(stop_ids),

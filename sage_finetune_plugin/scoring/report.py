@@ -33,6 +33,9 @@ METRICS = {
 #: long answers, where exact match is 0. Without rouge-score, token F1 stands in.
 HEADLINE = "rouge_l"
 FALLBACK_HEADLINE = "token_f1"
+#: The headline of prompts scored by reward functions (a GRPO task): their weighted mean;
+#: each reward's mean is ``reward/NAME``.
+REWARD = "reward"
 #: Worst and best examples shown in report.md.
 EXAMPLES = 5
 SCORES = ("exact_match", "token_f1", "rouge_l")
@@ -95,9 +98,34 @@ class EvalReport:
     notes: list[str] = field(default_factory=list)
 
     @property
-    def headline(self) -> str:
-        """The metric that sums the report up: ROUGE-L, or token F1 when it was not computed."""
+    def metrics(self) -> dict[str, str]:
+        """The metrics measured -> their labels: METRICS, or for prompts scored by rewards
+        the mean reward, each reward's mean and the answers' length."""
         sides = [side for side in (self.tuned, self.base) if side]
+        if not any(REWARD in side for side in sides):
+            return METRICS
+        names = dict.fromkeys(k for side in sides for k in side if k.startswith(f"{REWARD}/"))
+        return {
+            REWARD: "mean reward (weighted)",
+            **{key: key.replace("/", " ", 1) for key in names},
+            "answer_tokens": METRICS["answer_tokens"],
+            "hit_limit": METRICS["hit_limit"],
+        }
+
+    @property
+    def measured(self) -> str:
+        """What was measured on the samples: ``loss on 40 samples`` (prompts: their rewards)."""
+        if self.headline == REWARD:
+            return f"rewards of the answers to {self.samples} prompts"
+        return f"loss on {self.samples} samples"
+
+    @property
+    def headline(self) -> str:
+        """The metric that sums the report up: ROUGE-L, or token F1 when it was not computed
+        (the mean reward for prompts scored by rewards)."""
+        sides = [side for side in (self.tuned, self.base) if side]
+        if any(REWARD in side for side in sides):
+            return REWARD
         if any(side.get(HEADLINE) is not None for side in sides):
             return HEADLINE
         return FALLBACK_HEADLINE
@@ -108,7 +136,7 @@ class EvalReport:
         if self.base is None or self.tuned is None:
             return {}
         change: dict[str, float | None] = {}
-        for key in METRICS:
+        for key in self.metrics:
             base, tuned = self.base.get(key), self.tuned.get(key)
             change[key] = None if base is None or tuned is None else _round(tuned - base)
         return change
@@ -150,7 +178,7 @@ def metric_rows(report: EvalReport) -> list[tuple[str, str, str, str]]:
     """(label, base, tuned, change) per metric, formatted, for tables."""
     change = report.change
     rows = []
-    for key, label in METRICS.items():
+    for key, label in report.metrics.items():
         base, tuned = (
             _format(key, side.get(key) if side else None) for side in (report.base, report.tuned)
         )
@@ -166,7 +194,7 @@ def ranked_examples(report: EvalReport) -> tuple[list[dict[str, Any]], list[dict
     metric = report.headline
     ranked = sorted(
         (e for e in report.examples if side in e),
-        key=lambda e: (e[side][metric], e[side]["token_f1"]),
+        key=lambda e: (e[side][metric], e[side].get("token_f1", 0.0)),
     )
     count = min(EXAMPLES, (len(ranked) + 1) // 2)
     return ranked[:count], ranked[count:][::-1][:EXAMPLES]
@@ -177,8 +205,8 @@ def markdown(report: EvalReport) -> str:
     lines = [
         f"# Evaluation of `{report.task}`",
         "",
-        f"- Data: {report.data}; loss on {report.samples} samples, answers to "
-        f"{report.generated} (greedy, at most {report.max_new_tokens} new tokens).",
+        f"- Data: {report.data}; {report.measured}, answers to {report.generated} (greedy, "
+        f"at most {report.max_new_tokens} new tokens).",
     ]
     for name in ("tuned", "base"):
         if name in report.models:
@@ -193,14 +221,14 @@ def markdown(report: EvalReport) -> str:
         if examples:
             lines += ["", f"## {title}", ""]
             for example in examples:
-                lines += _example_block(example, report.headline)
+                lines += _example_block(example, report.headline, report.metrics[report.headline])
     return "\n".join(lines) + "\n"
 
 
-def _example_block(example: dict[str, Any], metric: str) -> list[str]:
+def _example_block(example: dict[str, Any], metric: str, label: str) -> list[str]:
     sides = [name for name in ("base", "tuned") if name in example]
     scores = ", ".join(f"{name} {example[name][metric]:.2f}" for name in sides)
-    lines = [f"### {example['location']} ({METRICS[metric]} {scores})", "", "**Prompt**", ""]
+    lines = [f"### {example['location']} ({label} {scores})", "", "**Prompt**", ""]
     lines += [f"> {line}" if line else ">" for line in example["prompt"].splitlines()]
     lines += ["", "| reference | " + " | ".join(f"{name} answer" for name in sides) + " |"]
     lines.append("|---" * (len(sides) + 1) + "|")

@@ -42,6 +42,13 @@ class RunProgress(Progress):
     loss: float | None = None
     learning_rate: float | None = None
     logs: dict[str, float] = field(default_factory=dict)
+    #: The last mean reward of a run that samples and scores (GRPO), and its KL.
+    reward: float | None = None
+    kl: float | None = None
+
+    def rewards(self) -> dict[str, float]:
+        """The logging step's mean reward per reward function (TRL's ``rewards/NAME/mean``)."""
+        return _per_reward(self.logs, "")
 
     @property
     def step(self) -> int:
@@ -57,6 +64,10 @@ class RunProgress(Progress):
             figures["loss"] = f"{self.loss:.4f}"
         if self.learning_rate is not None:
             figures["lr"] = f"{self.learning_rate:.2e}"
+        if self.reward is not None:
+            figures["reward"] = f"{self.reward:.3f}"
+        if self.kl is not None:
+            figures["kl"] = f"{self.kl:.4f}"
         return figures
 
     def line(self) -> str:
@@ -68,8 +79,33 @@ class RunProgress(Progress):
             parts.append(f"eval_loss {self.logs['eval_loss']:.4f}")
         if "learning_rate" in self.logs:
             parts.append(f"lr {self.logs['learning_rate']:.2e}")
+        for prefix in ("", "eval_"):
+            parts += _sampling_parts(self.logs, prefix)
         parts.append(f"{self.tokens_per_second:.0f} tok/s")
         return "  ".join(parts)
+
+
+def _per_reward(logs: dict[str, float], prefix: str) -> dict[str, float]:
+    start = f"{prefix}rewards/"
+    return {
+        key[len(start) : -len("/mean")]: value
+        for key, value in logs.items()
+        if key.startswith(start) and key.endswith("/mean")
+    }
+
+
+def _sampling_parts(logs: dict[str, float], prefix: str) -> list[str]:
+    """A sampling run's logged figures (GRPO): mean reward (per function), completion length,
+    KL."""
+    parts = []
+    if f"{prefix}reward" in logs:
+        per = ", ".join(f"{k} {v:.2f}" for k, v in _per_reward(logs, prefix).items())
+        parts.append(f"{prefix}reward {logs[f'{prefix}reward']:.3f}" + (f" ({per})" if per else ""))
+    if f"{prefix}completions/mean_length" in logs:
+        parts.append(f"{prefix}completion {logs[f'{prefix}completions/mean_length']:.1f} tok")
+    if f"{prefix}kl" in logs:
+        parts.append(f"{prefix}kl {logs[f'{prefix}kl']:.4f}")
+    return parts
 
 
 class ProgressCallback(TrainerCallback):
@@ -79,6 +115,8 @@ class ProgressCallback(TrainerCallback):
         self.sink = sink
         self.loss: float | None = None
         self.lr: float | None = None
+        self.reward: float | None = None
+        self.kl: float | None = None
         self._start = 0.0
         self._start_tokens = 0
 
@@ -94,6 +132,8 @@ class ProgressCallback(TrainerCallback):
                 loss=self.loss,
                 learning_rate=self.lr,
                 logs=dict(logs or {}),
+                reward=self.reward,
+                kl=self.kl,
             )
         )
 
@@ -114,6 +154,8 @@ class ProgressCallback(TrainerCallback):
             return
         self.loss = logs.get("loss", self.loss)
         self.lr = logs.get("learning_rate", self.lr)
+        self.reward = logs.get("reward", self.reward)
+        self.kl = logs.get("kl", self.kl)
         if any(key in logs for key in ("loss", "eval_loss")):
             numbers = {k: float(v) for k, v in logs.items() if isinstance(v, int | float)}
             self._emit("log", state, numbers)

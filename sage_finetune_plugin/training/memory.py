@@ -49,6 +49,13 @@ tensors and its own chunk of logits at a time (KTO's passes for its KL term, one
 other, the same). Against peak RSS on the CPU (SmolLM2-135M, 4 pairs x 256 tokens, the runs
 ``NO_GRAD_LOGITS_COPIES`` was measured on): dpo -2 %, dpo with gradient checkpointing 0 %,
 orpo -6 %, kto -2 %.
+
+GRPO (``MemoryProfile.generations``) samples the completions of a step first, without
+gradients: their KV cache (prompt and completion, every layer, keys and values) and the last
+position's logits are added (the ``generation`` component); the step then trains on prompt +
+completion sequences (``max_length`` bounds the prompt, ``grpo_max_completion_length`` is
+added), and with ``grpo_beta`` > 0 the reference passes are counted as for DPO. Not yet
+checked against a measured peak.
 """
 
 from __future__ import annotations
@@ -116,13 +123,18 @@ class MemoryProfile:
     ``sequences_per_sample``: sequences run together per sample (a pair's two answers);
     ``reference``: forward passes of a frozen reference model; ``fused_head``: logits scored in
     chunks by the trainer; ``dropout``: whether LoRA dropout stays on; ``answer_loss``: the loss
-    of training/loss.py (answer tokens only, in chunks) where the model allows it."""
+    of training/loss.py (answer tokens only, in chunks) where the model allows it;
+    ``generations`` completions of up to ``completion_length`` tokens sampled at once before
+    the step (their KV cache and the last position's logits)."""
 
     sequences_per_sample: int = 1
     reference: bool = False
     fused_head: bool = False
     dropout: bool = True
     answer_loss: bool = False
+    #: Sampling before the step (GRPO): completions generated at once and their new tokens.
+    generations: int = 0
+    completion_length: int = 0
 
 
 @dataclass
@@ -148,6 +160,9 @@ class MemoryEstimate:
     #: What the reference model's forward passes (DPO, KTO) add to the peak, and a frozen
     #: copy of a continued adapter.
     reference: int = 0
+    #: Sampling the completions of a step (GRPO): their KV cache and logits.
+    generation: int = 0
+    generations: int = 0
     method: str = "sft"
     #: What training changes (``finetuning_type``): lora, full or freeze.
     finetuning_type: str = "lora"
@@ -162,6 +177,7 @@ class MemoryEstimate:
         "activations",
         "logits",
         "reference",
+        "generation",
         "overhead",
     )
 
@@ -196,6 +212,7 @@ class MemoryEstimate:
             "activations": "activations",
             "logits": "logits and loss",
             "reference": "reference passes (no grad, shared weights)",
+            "generation": f"generation ({self.generations} completions, KV cache)",
             "overhead": "CUDA context and allocator"
             if self.device == "cuda"
             else "Python, libraries and allocator",
@@ -203,7 +220,7 @@ class MemoryEstimate:
         lines += [
             f"  {labels[name]:<42} {_gib(getattr(self, name))}"
             for name in self.COMPONENTS
-            if name != "reference" or self.reference
+            if name not in ("reference", "generation") or getattr(self, name)
         ]
         lines.append(f"  {'total (peak)':<42} {_gib(self.total)}")
         return lines
@@ -240,7 +257,7 @@ def estimate_memory(
     if hardware is None and device is not None:
         hardware = Hardware.assumed(device)
     runtime = resolve_runtime(config, hardware)
-    profile = get_method(config.method).memory
+    profile = get_method(config.method).memory_profile(config)
     adapter = adapter_for(config)
     arch = _Architecture.of(model_config, config.trust_remote_code)
     answer_loss = profile.answer_loss and _answer_loss(model_config)
@@ -266,6 +283,7 @@ def estimate_memory(
     else:
         logits = _logits(arch, setting, fused=profile.fused_head)
     reference = _reference(arch, setting, layer, config, trainable) if profile.reference else 0
+    generation = _generation(arch, setting, profile)
     return MemoryEstimate(
         model_name=config.model_name,
         device=runtime.device,
@@ -282,8 +300,10 @@ def estimate_memory(
         optimizer_states=trainable * _optimizer_bytes(runtime.optim),
         activations=activations,
         logits=logits,
-        overhead=_overhead(arch, setting, layer, activations + logits + reference),
+        overhead=_overhead(arch, setting, layer, activations + logits + reference + generation),
         reference=reference,
+        generation=generation,
+        generations=profile.generations,
         method=config.method,
         sequences_per_sample=profile.sequences_per_sample,
         finetuning_type=adapter.name,
@@ -435,7 +455,8 @@ class _Setting:
         *,
         answer_loss: bool = False,
     ) -> _Setting:
-        length = min(seq_len or config.max_length, config.max_length)
+        # GRPO: max_length bounds the prompt, the completion comes on top.
+        length = min(seq_len or config.max_length, config.max_length) + profile.completion_length
         batch = config.per_device_train_batch_size * profile.sequences_per_sample
         device, precision = runtime.device, runtime.dtype_name
         if config.packing:  # the collator packs a batch into one row
@@ -580,6 +601,17 @@ def _reference(
     head = positions * arch.vocab * 4 * NO_GRAD_LOGITS_COPIES
     copy = trainable * 4 if config.init_adapter else 0
     return int(setting.tokens * (layer + hidden)) + head + copy
+
+
+def _generation(arch: _Architecture, setting: _Setting, profile: MemoryProfile) -> int:
+    """Sampling ``profile.generations`` completions at once, without gradients: the KV cache of
+    every layer for the prompt and the completion (keys and values, the load precision), and
+    the logits of the last position in fp32 (with the sampling's softmax copy)."""
+    if not profile.generations:
+        return 0
+    positions = profile.generations * setting.seq_len
+    cache = positions * arch.layers * 2 * arch.kv_dim * setting.element
+    return cache + profile.generations * arch.vocab * 4 * 2
 
 
 def _overhead(arch: _Architecture, setting: _Setting, layer: float, dynamic: int) -> int:
