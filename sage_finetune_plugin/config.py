@@ -204,7 +204,7 @@ class TrainingConfig:
     )
     data_format: str | None = setting(
         "Force the data format instead of detecting it: alpaca, qa, conversation, "
-        "prompt_completion, text, preference or kto.",
+        "prompt_completion, text, preference, kto or prompts.",
         scope=TASK,
         default=None,
         flag=Flag("format", commands=("quickstart",), keyword="data_format"),

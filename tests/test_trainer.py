@@ -198,9 +198,11 @@ def test_task_config_sources(tiny_model_dir: Path, tmp_path: Path, make_prepared
     assert task_config(task_dir).learning_rate == 1e-3
     assert task_config(task_dir).data_path == str(task_dir / "data" / "train.jsonl")
 
-    # --preset replaces the hyperparameters but keeps the task's model and data.
+    # --preset replaces the hyperparameters but keeps the task's model, data and its own
+    # max_length (64 here, within the preset's limit).
     cpu = task_config(task_dir, preset="cpu")
-    assert cpu.preset == "cpu" and cpu.max_length == PresetConfigs.cpu().max_length
+    assert cpu.preset == "cpu" and cpu.learning_rate == PresetConfigs.cpu().learning_rate
+    assert cpu.max_length == task_config(task_dir).max_length == 64
     assert cpu.model_name == str(tiny_model_dir)
     assert cpu.data_path == str(task_dir / "data" / "train.jsonl")
 
