@@ -88,8 +88,11 @@ class DataStats:
 
     def summary(self) -> str:
         """A few human-readable lines (warnings last, each starting with ``warning:``)."""
+        unit = _method_or_none(self.method)
+        answers = unit is None or unit.answer_tokens
+        why = "no answer token within" if answers else "longer than"
         lost = (
-            f"; {self.truncation_dropped} dropped (no answer token within {self.max_length})"
+            f"; {self.truncation_dropped} dropped ({why} {self.max_length})"
             if self.truncation_dropped
             else ""
         )
@@ -108,14 +111,17 @@ class DataStats:
             f"invalid {n}: {reason} (e.g. {self.drop_examples.get(reason, '-')})"
             for reason, n in self.dropped.items()
         ]
-        unit = _method_or_none(self.method)
         noun = unit.sample_noun if unit is not None else "samples"
+        trained = (
+            f"{self.trainable_tokens} trained on, {self.trainable_share:.0%}"
+            if answers
+            else "in prompts; the answers are sampled"
+        )
         lines += [
             f"{noun}: {self.samples} train, {self.eval_samples} eval{lost}; "
             f"{self.truncated} truncated to {self.max_length} tokens",
-            f"tokens: {self.tokens} ({self.trainable_tokens} trained on, "
-            f"{self.trainable_share:.0%}); length p50 {self.length_p50}, p90 {self.length_p90}, "
-            f"p99 {self.length_p99}, max {self.length_max}",
+            f"tokens: {self.tokens} ({trained}); length p50 {self.length_p50}, "
+            f"p90 {self.length_p90}, p99 {self.length_p99}, max {self.length_max}",
         ]
         lines += unit.stats_lines(self) if unit is not None else []
         lines += [f"warning: {warning}" for warning in self.warnings]
@@ -195,6 +201,9 @@ class _Summarizing(Protocol):
 
     @property
     def sample_noun(self) -> str: ...
+
+    @property
+    def answer_tokens(self) -> bool: ...
 
     def stats_lines(self, stats: DataStats) -> list[str]: ...
 

@@ -66,6 +66,9 @@ class Method:
     needs_bitsandbytes: ClassVar[bool] = False
     #: Whether several samples can share a packed row.
     packing: ClassVar[bool] = False
+    #: Whether its samples hold the answer tokens it trains on (not GRPO's prompts, whose
+    #: answers the model samples): what the data statistics say of the tokens.
+    answer_tokens: ClassVar[bool] = True
     #: Metrics kept in the meta's record of each training stage.
     stage_metrics: ClassVar[tuple[str, ...]] = ("train_loss", "eval_loss")
 

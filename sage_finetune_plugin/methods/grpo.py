@@ -52,6 +52,7 @@ class GRPO(Method):
     formats = ("prompts",)
     reads = "prompts (a prompt and any other columns, which the rewards read)"
     sample_noun = "prompts"
+    answer_tokens = False
     requires = ("trl",)
     needs_bitsandbytes = True  # TRL imports it
     memory = MemoryProfile(dropout=False)
