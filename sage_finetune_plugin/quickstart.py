@@ -146,6 +146,8 @@ class QuickstartResult:
     preview: list[list[tuple[str, bool]]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     replaced: bool = False
+    #: What the method changed in the settings to train with them (``Method.fit``).
+    notes: list[str] = field(default_factory=list)
 
 
 def quickstart(
@@ -233,8 +235,9 @@ def quickstart(
         stats=stats,
         code=code,
         preview=samples,
-        warnings=[*notes, *warnings],
+        warnings=warnings,
         replaced=replacing,
+        notes=notes,
     )
 
 

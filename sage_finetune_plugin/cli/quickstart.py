@@ -129,6 +129,8 @@ def _print_quickstart(result: Any) -> None:
         )
         for reason, count in result.dropped.items():
             click.echo(f"  invalid {count}: {reason}")
+    for note in result.notes:
+        status(f"  note: {note}")
     for warning in result.warnings:
         status(f"Warning: {warning}")
     if result.preview:

@@ -332,6 +332,7 @@ def create_app(
                 "model": result.config.model_name,
                 "method": result.config.method,
                 "warnings": result.warnings,
+                "notes": result.notes,
             }
         finally:
             remove_tree(scratch)
@@ -348,6 +349,7 @@ def create_app(
             **state.row(TaskEntry.read(result.task_dir)),
             "preview": result.preview,
             "warnings": result.warnings,
+            "notes": result.notes,
         }
 
     @app.get(f"{api}/tasks/{{name}}", tags=["tasks"])
