@@ -11,9 +11,8 @@ checkpointing, unquantized, 4-bit and 8-bit, at 1 and 2 threads (`--rows` picks 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,18 +22,7 @@ from sage_finetune_plugin.models import resolve_model
 from sage_finetune_plugin.presets import PresetConfigs
 from sage_finetune_plugin.training.memory import GIB, estimate_memory
 
-#: Run in a fresh interpreter: train, then print the RSS at start-up and the peak (KiB).
-TRAIN_AND_MEASURE = """
-import json, sys
-def status(key):
-    with open("/proc/self/status") as lines:
-        return next(int(line.split()[1]) for line in lines if line.startswith(key + ":"))
-start = status("VmRSS")
-from sage_finetune_plugin.config import TrainingConfig
-from sage_finetune_plugin.training.recipe import LoRATrainer
-LoRATrainer(TrainingConfig.from_dict(json.loads(sys.argv[1]))).train()
-print(json.dumps({"start": start, "peak": status("VmHWM")}))
-"""
+ROOT = Path(__file__).resolve().parents[1]
 ROWS = {
     "plain": {},
     "4bit": {"load_in_4bit": True, "bnb_4bit_use_double_quant": True},
@@ -43,25 +31,16 @@ ROWS = {
 
 
 def measure(config: TrainingConfig, folder: Path) -> int:
-    """Peak RSS in bytes of training ``config`` above the bare interpreter's."""
-    data = folder / "data.jsonl"
-    with data.open("w", encoding="utf-8") as out:
-        for i in range(32):
-            numbers = " ".join(str(n) for n in range(i, i + 2 * config.max_length))
-            out.write(json.dumps({"instruction": f"Count from {i}.", "output": numbers}) + "\n")
-    config = config.replace(
-        data_path=str(data), output_dir=str(folder / "task"), report_to="none", save_steps=1000
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", TRAIN_AND_MEASURE, json.dumps(config.to_dict())],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        sys.exit(proc.stderr[-3000:])
-    rss = json.loads(proc.stdout.strip().splitlines()[-1])
-    return (rss["peak"] - rss["start"]) * 1024
+    """Peak RSS above the bare interpreter's of two training steps of ``config`` (bytes), as
+    the memory test measures it (tests/test_memory.py: one source for both)."""
+    spec = importlib.util.spec_from_file_location("test_memory", ROOT / "tests/test_memory.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        return int(module.measured_training_rss(config, folder))
+    except RuntimeError as exc:
+        sys.exit(str(exc))
 
 
 def main() -> int:

@@ -265,32 +265,39 @@ def test_estimate_matches_peak_rss_of_smollm2_cpu_preset(tmp_path: Path) -> None
 
 
 def _assert_estimate_matches_training(config: TrainingConfig, tmp_path: Path) -> None:
-    """Train in a fresh interpreter on samples that all fill max_length; compare its peak
-    RSS (minus the bare interpreter's) with the estimate."""
-    data = tmp_path / "data.jsonl"
+    """Train in a fresh interpreter; compare its peak RSS with the estimate."""
+    estimate = estimate_memory(config, device="cpu")
+    measured = measured_training_rss(config, tmp_path)
+    error = estimate.total / measured - 1
+    assert abs(error) <= RSS_TOLERANCE, (
+        f"estimate {estimate.total / GIB:.2f} GiB vs measured {measured / GIB:.2f} GiB "
+        f"({error:+.0%})\n" + "\n".join(estimate.summary())
+    )
+
+
+def measured_training_rss(config: TrainingConfig, folder: Path) -> int:
+    """Bytes of peak RSS above the bare interpreter's of training ``config`` in a fresh
+    interpreter on samples that all fill max_length (benchmarks/memory.py uses it too).
+    RuntimeError with the end of its output when the training fails."""
+    data = folder / "data.jsonl"
     with data.open("w", encoding="utf-8") as out:
         for i in range(32):
             numbers = " ".join(str(n) for n in range(i, i + 2 * config.max_length))
             record = {"instruction": f"Count upwards from {i}.", "output": numbers}
             out.write(json.dumps(record) + "\n")
     config = config.replace(
-        data_path=str(data), output_dir=str(tmp_path / "task"), report_to="none", save_steps=1000
+        data_path=str(data), output_dir=str(folder / "task"), report_to="none", save_steps=1000
     )
-    estimate = estimate_memory(config, device="cpu")
     proc = subprocess.run(
         [sys.executable, "-c", TRAIN_AND_MEASURE, json.dumps(config.to_dict())],
         capture_output=True,
         text=True,
         timeout=900,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if proc.returncode != 0:
+        raise RuntimeError(f"training failed:\n{proc.stderr[-3000:]}")
     rss = json.loads(proc.stdout.strip().splitlines()[-1])
-    measured = (rss["peak"] - rss["start"]) * 1024
-    error = estimate.total / measured - 1
-    assert abs(error) <= RSS_TOLERANCE, (
-        f"estimate {estimate.total / GIB:.2f} GiB vs measured {measured / GIB:.2f} GiB "
-        f"({error:+.0%})\n" + "\n".join(estimate.summary())
-    )
+    return (rss["peak"] - rss["start"]) * 1024
 
 
 def _saved_for_backward(
